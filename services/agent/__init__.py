@@ -1,0 +1,1 @@
+"""Enersis agent service."""

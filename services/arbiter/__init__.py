@@ -1,0 +1,1 @@
+"""Enersis arbiter service."""

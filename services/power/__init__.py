@@ -1,0 +1,1 @@
+"""Enersis power service."""
