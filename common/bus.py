@@ -105,7 +105,7 @@ def connect(
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(_retryable),
-        wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=5.0) + tenacity.wait_random(0, 0.2),
         stop=should_stop,
         before_sleep=before_sleep,
         reraise=True,

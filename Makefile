@@ -1,0 +1,39 @@
+# Enersis: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BROKER := $(PYTHON) deploy/rabbitmq/broker.py
+PYTEST_ARGS ?=
+
+.PHONY: test demo deps venv broker-start broker-stop definitions bench clean
+
+deps:
+	bash deploy/scripts/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+# Installs what is missing, starts the private broker, runs pytest, stops the
+# broker, and exits with pytest's status.
+test: venv
+	@$(BROKER) start
+	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; $(BROKER) stop; exit $$rc
+
+broker-start: venv
+	$(BROKER) start
+
+broker-stop:
+	$(BROKER) stop
+
+definitions: venv
+	$(PY) -m enersis.common.topology > deploy/rabbitmq/definitions.json
+
+clean:
+	-$(BROKER) stop
+	rm -rf $(VENV) .broker *.egg-info
