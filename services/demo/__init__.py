@@ -1,0 +1,1 @@
+"""The one-machine demo cluster and its live view."""

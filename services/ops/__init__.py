@@ -1,0 +1,1 @@
+"""Operator tools: publish commands and read the cluster state from the bus."""
