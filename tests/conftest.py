@@ -122,3 +122,34 @@ def vhost(broker: Broker) -> str:
         conn.close()
     yield name
     broker.delete_vhost(name)
+
+
+def _load_lab_module() -> Any:
+    import importlib.util
+
+    path = REPO / "deploy" / "lab" / "libvirt_lab.py"
+    spec = importlib.util.spec_from_file_location("enersis_libvirt_lab", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def libvirt_lab() -> Any:
+    """Two real libvirt daemons (deploy/lab/libvirt_lab.py), up once per session.
+
+    A lab that was already up is used and left up; one started here is torn
+    down at the end (guests destroyed, daemons stopped, nothing mounted).
+    """
+    lab_module = _load_lab_module()
+    missing = lab_module.Lab.prerequisites()
+    if missing:
+        pytest.skip("the libvirt lab needs " + "; ".join(missing))
+    lab = lab_module.Lab()
+    started_here = not (len(lab.nodes()) >= 2 and all(lab.node_up(n) for n in lab.nodes()[:2]))
+    if started_here:
+        lab.up(2)
+    yield lab
+    if started_here:
+        lab.down()
