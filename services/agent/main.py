@@ -1,0 +1,102 @@
+"""Run a node's agent: hypervisor telemetry to RabbitMQ (and the node's migration executor).
+
+    enersis agent --config /etc/enersis/node.toml
+
+Publishes NodeOnline at start, NodeTelemetry (load, inventory) every publish
+interval, NodeOffline on SIGTERM/SIGINT.  The hypervisor is any libvirt URI,
+or sim:///abs/path for a simulated cluster (python -m enersis.agent.simulated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from enersis.common.bus import Publisher
+from enersis.common.config import ConfigError
+
+from .config import AgentConfig, load_agent_config
+from .hypervisor import Hypervisor
+from .sampler import Sampler
+from .telemetry import Agent, Identity
+
+log = logging.getLogger("enersis.agent")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the node's TOML file (node, [broker], [hypervisor], [telemetry])")
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("enersis")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def host_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def open_hypervisor(cfg: AgentConfig) -> tuple[Hypervisor, str]:
+    """The node's hypervisor adapter and its boot id: the one place that picks real or simulated."""
+    if cfg.hypervisor_uri.startswith("sim://"):
+        from .simulated import SimulatedHypervisor, SimulationError
+
+        try:
+            hv = SimulatedHypervisor.from_uri(cfg.hypervisor_uri, cfg.node)
+        except (SimulationError, ValueError) as exc:
+            raise ConfigError(f"{cfg.source}: [hypervisor] uri: {exc}") from None
+        return hv, hv.boot_id()
+    from .libvirt_hv import LibvirtHypervisor
+
+    return LibvirtHypervisor(cfg.hypervisor_uri), host_boot_id()
+
+
+def run(args: Any) -> int:
+    try:
+        cfg = load_agent_config(args.config)
+        hv, boot_id = open_hypervisor(cfg)
+    except ConfigError as exc:
+        print(f"enersis agent: {exc}", file=sys.stderr)
+        return 2
+
+    t = cfg.telemetry
+    ident = Identity(cfg.node, boot_id, agent_version(), t.sample_interval_s, t.publish_interval_s, t.window_s)
+    sampler = Sampler(hv, sample_interval_s=t.sample_interval_s, window_s=t.window_s,
+                      facts_interval_s=t.publish_interval_s)
+    publisher = Publisher(cfg.broker, sender=f"agent.{cfg.node}")
+    agent = Agent(ident, sampler, publisher)
+    log.info("agent for %s: hypervisor %s, broker %s, sample %.2gs, publish %.2gs, window %.2gs",
+             cfg.node, cfg.hypervisor_uri, cfg.broker.url_for_logs, t.sample_interval_s, t.publish_interval_s, t.window_s)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        agent.offline_reason = f"received {signal.Signals(signum).name}"
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    # The publishing loop runs on its own thread so the main thread stays free for signals.
+    worker = threading.Thread(target=agent.run, args=(stop,), name="agent")
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+    finally:
+        stop.set()
+        worker.join(15)
+        publisher.close()
+        hv.close()
+    return 0

@@ -1,0 +1,180 @@
+"""From the sampler's state to messages, and the agent's publishing loop.
+
+Publishing keeps nothing but the latest state: each period builds one
+NodeTelemetry from the sampler's newest NodeState and tries to publish it
+until the next period; if the broker is down it is dropped and the next
+period tries with fresher data.  So a long outage costs memory for one
+message, and the first telemetry after it is current, not a backlog.
+
+Lifecycle: NodeOnline once the first sample is in (and again whenever the
+hypervisor comes back after being unreachable), NodeOffline on stop.  Every
+NodeTelemetry carries the whole inventory of the node, so a lost message
+heals itself at the next period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from enersis.common.bus import BrokerUnavailable
+from enersis.common.messages import DomainSample, Message, NodeOffline, NodeOnline, NodeTelemetry
+
+from .sampler import NodeState, Sampler
+
+log = logging.getLogger("enersis.agent.telemetry")
+
+
+class Bus(Protocol):
+    """What the agent needs from the broker plumbing (common.bus.Publisher)."""
+
+    def publish(self, message: Message, *, retry_for_s: float | None = None) -> object: ...
+
+
+@dataclass(frozen=True)
+class Identity:
+    node: str
+    boot_id: str
+    agent_version: str
+    sample_interval_s: float
+    publish_interval_s: float
+    window_s: float
+
+
+def _r(x: float) -> float:
+    return round(x, 2)
+
+
+def telemetry_message(ident: Identity, state: NodeState, seq: int) -> NodeTelemetry:
+    facts = state.facts
+    return NodeTelemetry(
+        node=ident.node,
+        seq=seq,
+        boot_id=ident.boot_id,
+        hypervisor_ok=state.hypervisor_ok,
+        hypervisor_type=facts.hypervisor_type if facts else "",
+        cpus=facts.cpus if facts else 0,
+        mhz=facts.mhz if facts else 0,
+        mem_total_kib=facts.mem_total_kib if facts else 0,
+        mem_free_kib=facts.mem_free_kib if facts else 0,
+        cpu_pct=_r(state.cpu_pct_mean),
+        cpu_pct_latest=_r(state.cpu_pct_latest),
+        window_s=ident.window_s,
+        sample_interval_s=ident.sample_interval_s,
+        publish_interval_s=ident.publish_interval_s,
+        domains=[
+            DomainSample(d.reading.name, d.reading.uuid, d.reading.state, d.reading.vcpus,
+                         d.reading.mem_max_kib, d.reading.mem_kib, _r(d.cpu_node_pct), _r(d.cpu_vcpu_pct))
+            for d in state.domains
+        ],
+        agent_version=ident.agent_version,
+        error=state.error[:500],
+    )
+
+
+def online_message(ident: Identity, state: NodeState) -> NodeOnline:
+    return NodeOnline(
+        node=ident.node,
+        boot_id=ident.boot_id,
+        hypervisor_ok=state.hypervisor_ok,
+        hypervisor_type=state.facts.hypervisor_type if state.facts else "",
+        domain_count=len(state.domains),
+        agent_version=ident.agent_version,
+        publish_interval_s=ident.publish_interval_s,
+    )
+
+
+class Agent:
+    """Sampling thread + publishing loop for one node.  `run(stop)` until stop is set."""
+
+    def __init__(
+        self,
+        ident: Identity,
+        sampler: Sampler,
+        bus: Bus,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.ident = ident
+        self.sampler = sampler
+        self.bus = bus
+        self.clock = clock
+        self.seq = 0
+        self.published = 0  # telemetry messages the broker confirmed
+        self.dropped = 0  # telemetry messages given up while the broker was down
+        self._online_ok: bool | None = None  # hypervisor_ok of the last NodeOnline confirmed
+        self._broker_ok = True
+        self._sampling: threading.Thread | None = None
+        self.offline_reason = "agent stopped"  # the entry point sets it from the signal received
+
+    def run(self, stop: threading.Event) -> None:
+        self._sampling = threading.Thread(target=self.sampler.run, args=(stop,), name="sampler", daemon=True)
+        self._sampling.start()
+        try:
+            self._publish_loop(stop)
+        finally:
+            stop.set()
+            self._sampling.join(5)
+            self._offline(self.offline_reason)
+
+    def _publish_loop(self, stop: threading.Event) -> None:
+        period = self.ident.publish_interval_s
+        # While the broker is down, retry often with the newest state (not the
+        # one that failed), so the first message after an outage is current.
+        retry = min(1.0, period)
+        # The first telemetry goes out right after the first sample, so a
+        # freshly booted node is visible at once rather than one period later.
+        with self.sampler.sampled:
+            self.sampler.sampled.wait_for(lambda: self.sampler.latest() is not None or stop.is_set(), timeout=period)
+        next_t = self.clock()
+        while not stop.is_set():
+            state = self.sampler.latest()
+            ok = state is not None and self.publish_once(state, budget_s=retry)
+            now = self.clock()
+            if not ok:
+                next_t = now + retry
+            else:
+                next_t += period
+                if now >= next_t or next_t - now > period:  # a publish that hung, or a clock jump: no burst
+                    next_t = now + period
+            stop.wait(max(0.0, next_t - now))
+
+    def publish_once(self, state: NodeState, *, budget_s: float, stop: threading.Event | None = None) -> bool:
+        """NodeOnline if due, then one NodeTelemetry of `state`.  False if the broker was unreachable."""
+        try:
+            if self._online_ok is None or (state.hypervisor_ok and not self._online_ok):
+                self.bus.publish(online_message(self.ident, state), retry_for_s=budget_s)
+                self._online_ok = state.hypervisor_ok
+                log.info("%s online (hypervisor %s, %d domains)", self.ident.node,
+                         "reachable" if state.hypervisor_ok else "UNREACHABLE", len(state.domains))
+            self.seq += 1
+            # Build after the NodeOnline: a long retry above must not send stale numbers.
+            fresh = self.sampler.latest() or state
+            self.bus.publish(telemetry_message(self.ident, fresh, self.seq), retry_for_s=budget_s)
+        except Exception as exc:  # BrokerUnavailable, or a refusal such as a permission error
+            self.dropped += 1
+            if self._broker_ok:
+                if isinstance(exc, BrokerUnavailable):
+                    log.warning("broker unreachable, telemetry dropped (sampling goes on; the latest state "
+                                "is sent when it is back): %s", exc)
+                else:
+                    log.error("broker refused telemetry (%s: %s); check the agent user's permissions",
+                              type(exc).__name__, exc)
+            self._broker_ok = False
+            return False
+        self.published += 1
+        if not self._broker_ok:
+            log.info("broker reachable again; telemetry resumed at seq %d", self.seq)
+        self._broker_ok = True
+        return True
+
+    def _offline(self, reason: str) -> None:
+        try:
+            self.bus.publish(NodeOffline(node=self.ident.node, boot_id=self.ident.boot_id, reason=reason),
+                             retry_for_s=3.0)
+            log.info("%s offline: %s", self.ident.node, reason)
+        except Exception as exc:  # stopping anyway: say so and go
+            log.warning("could not announce NodeOffline (%s: %s)", type(exc).__name__, exc)
