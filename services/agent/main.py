@@ -22,6 +22,7 @@ from enersis.common.bus import Publisher
 from enersis.common.config import ConfigError
 
 from .config import AgentConfig, load_agent_config
+from .executor import ExecutorConfig, start_executor
 from .hypervisor import Hypervisor
 from .sampler import Sampler
 from .telemetry import Agent, Identity
@@ -66,6 +67,7 @@ def run(args: Any) -> int:
     try:
         cfg = load_agent_config(args.config)
         hv, boot_id = open_hypervisor(cfg)
+        ExecutorConfig.parse(cfg.raw, source=cfg.source, node=cfg.node)  # config errors before anything starts
     except ConfigError as exc:
         print(f"enersis agent: {exc}", file=sys.stderr)
         return 2
@@ -78,6 +80,15 @@ def run(args: Any) -> int:
     agent = Agent(ident, sampler, publisher)
     log.info("agent for %s: hypervisor %s, broker %s, sample %.2gs, publish %.2gs, window %.2gs",
              cfg.node, cfg.hypervisor_uri, cfg.broker.url_for_logs, t.sample_interval_s, t.publish_interval_s, t.window_s)
+
+    try:
+        # The migration executor ([executor], [peers.*]) runs in this process by default.
+        executor = start_executor(cfg.node, cfg.hypervisor_uri, cfg.broker, publisher, cfg.raw,
+                                  source=cfg.source, hypervisor=hv)
+    except ConfigError as exc:
+        print(f"enersis agent: {exc}", file=sys.stderr)
+        publisher.close()
+        return 2
 
     stop = threading.Event()
 
@@ -96,6 +107,8 @@ def run(args: Any) -> int:
             worker.join(0.5)
     finally:
         stop.set()
+        if executor is not None:
+            executor.stop()
         worker.join(15)
         publisher.close()
         hv.close()
