@@ -28,6 +28,8 @@ Per node:
 - an sshd in the node namespace (ssh_standin.py) with one key, shared by the
   lab's nodes, whose forced command stops that node's boot command (the
   stand-in for poweroff) and logs a line to {state}/NODE/poweroff.log.
+- with --sim-cluster DIR, booting also powers the node on in that simulated
+  cluster and the poweroff powers it off there (its VMs die, as on a real node).
 
 `up` writes {state}/power.toml (inventory for `enersis power`), {state}/state.json
 and prints the state as JSON.  `up` first removes a previous lab of the same
@@ -154,7 +156,11 @@ def up(args: argparse.Namespace) -> int:
             node_dir.mkdir(mode=0o700)
             pid_file = node_dir / "agent.pid"
             poweroff_log = node_dir / "poweroff.log"
-            forced = (f"{sys.executable} {NIC} --poweroff {pid_file} --poweroff-log {poweroff_log}")
+            forced = f"{sys.executable} {NIC} --poweroff {pid_file} --poweroff-log {poweroff_log}"
+            if args.sim_cluster:
+                # A real power-off takes the node's VMs down with it: the simulated cluster must say so too.
+                forced += (f"; {args.sim_python} -m enersis.agent.simulated power {args.sim_cluster} {info['node']} off"
+                           " --force")
             ssh = sh(sys.executable, str(SSH), "up", "--dir", str(node_dir / "ssh"), "--address", info["address"],
                      "--port", "22", "--netns", info["netns"], "--from", str(net),
                      "--client-pubkey", f"{client_key}.pub", "--forced-command", forced, "--json")
@@ -162,6 +168,11 @@ def up(args: argparse.Namespace) -> int:
             known_hosts_lines.append(ssh_info["known_hosts_line"])
             boot = [part.format(node=info["node"], index=info["index"], address=info["address"], state=str(state))
                     for part in shlex.split(args.boot)]
+            if args.sim_cluster:
+                # Power the simulated node on, then become the boot command (so the poweroff's SIGTERM reaches it).
+                boot = ["sh", "-c", f"{shlex.quote(args.sim_python)} -m enersis.agent.simulated power "
+                                    f"{shlex.quote(args.sim_cluster)} {shlex.quote(info['node'])} on && exec \"$@\"",
+                        "boot", *boot]
             nic_cmd = [sys.executable, str(NIC), "--listen", f"0.0.0.0:{args.wol_port}", "--mac", info["mac"],
                        "--netns", info["netns"], "--pid-file", str(pid_file), "--boot-delay", str(args.boot_delay)]
             if info["node"] in args.ignore_packets:
@@ -357,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="nodes whose NIC never wakes them")
     u.add_argument("--boot-delay", type=float, default=0.0, help="seconds from magic packet to boot command")
     u.add_argument("--wol-port", type=int, default=9)
+    u.add_argument("--sim-cluster", help="simulated cluster folder (enersis.agent.simulated): boot powers the "
+                                         "node on there, the SSH poweroff powers it off (killing its VMs, as a real one)")
+    u.add_argument("--sim-python", default=sys.executable,
+                   help="python that can import enersis, for --sim-cluster (default: this one)")
     u.add_argument("--broker-url", help="[broker] url for the generated power.toml")
     u.add_argument("--broker-user", help="[broker] user for the generated power.toml")
     u.add_argument("--broker-password-file", help="[broker] password_file for the generated power.toml")
