@@ -176,7 +176,7 @@ class LibvirtMigrator:
 
         def on_timeout() -> None:
             timed_out.set()
-            log.warning("migration of %s to %s passed its %.0fs timeout; aborting the job", vm, target.node, timeout_s)
+            log.warning("migration of %s to %s passed its %gs timeout; aborting the job", vm, target.node, timeout_s)
             try:
                 dom.abortJob()
             except libvirt.libvirtError as exc:
