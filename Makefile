@@ -25,6 +25,15 @@ test: venv
 	@$(BROKER) start
 	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; $(BROKER) stop; exit $$rc
 
+# Installs what is missing, starts the private broker (unless one runs), runs a
+# whole simulated cluster with a live view until its summary, then stops what it
+# started.  E.g. make demo DEMO_ARGS="--nodes 4 --duration 60".
+DEMO_ARGS ?=
+demo: venv
+	@started=0; if ! $(BROKER) status >/dev/null 2>&1; then $(BROKER) start || exit 1; started=1; fi; \
+	set +e; $(VENV)/bin/enersis demo $(DEMO_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then $(BROKER) stop; fi; exit $$rc
+
 broker-start: venv
 	$(BROKER) start
 
