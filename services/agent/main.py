@@ -64,6 +64,9 @@ def open_hypervisor(cfg: AgentConfig) -> tuple[Hypervisor, str]:
 
 
 def run(args: Any) -> int:
+    # pika logs a traceback at ERROR for every refused connection while the broker
+    # is down; enersis.bus already says it once per retry, in one line.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
         cfg = load_agent_config(args.config)
         hv, boot_id = open_hypervisor(cfg)
