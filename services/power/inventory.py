@@ -40,6 +40,7 @@ from enersis.common.config import BrokerSettings, ConfigError, broker_settings, 
 from enersis.common.messages import NAME_RE
 
 MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-]?)[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
+MAX_WAIT_S = 1500.0
 HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
 
@@ -139,6 +140,12 @@ def parse_settings(table: dict[str, Any]) -> PowerSettings:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and key != "wol_gap_s"):
                 raise ConfigError(f"[power]: {key!r} must be a positive number of seconds")
             values[key] = float(v)
+    for key in ("wake_timeout_s", "shutdown_timeout_s"):
+        # A command stays unacked while we wait for the node; RabbitMQ closes a channel that holds a
+        # delivery longer than its consumer_timeout (30 min by default).
+        if values.get(key, 0) > MAX_WAIT_S:
+            raise ConfigError(f"[power]: {key!r} must be at most {MAX_WAIT_S:.0f}s (the broker's consumer_timeout "
+                              "is 30 min and the command stays unacknowledged while the service waits)")
     for key in _INTS:
         if key in table:
             v = table[key]
