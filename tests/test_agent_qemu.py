@@ -125,10 +125,14 @@ def test_busy_guest_reads_100_and_idle_guest_0_on_the_broker(libvirt_lab: Any, g
         wait_for(lambda: not inbox.telemetry(node)[-1].hypervisor_ok, 20, what="telemetry saying unreachable")
         down = inbox.telemetry(node)[-1]
         assert down.error and {names["busy"], names["idle"]} <= {d.name for d in down.domains}
+        onlines = len([m for m in inbox.messages if isinstance(m, NodeOnline)])
         libvirt_lab.start_node(node)
         wait_for(lambda: inbox.telemetry(node)[-1].hypervisor_ok, 40, what="telemetry after the daemon is back")
         assert hv.connects >= 2
-        assert [m for m in inbox.messages if isinstance(m, NodeOnline)][-1].hypervisor_ok
+        again = wait_for(lambda: [m for m in inbox.messages if isinstance(m, NodeOnline)][onlines:], 10,
+                         what="NodeOnline again once the hypervisor answers")
+        assert again[0].hypervisor_ok and {names["busy"], names["idle"]} <= {
+            d.name for d in inbox.telemetry(node)[-1].domains}  # guests kept running without their daemon
     finally:
         stop.set()
         thread.join(10)

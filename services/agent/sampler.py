@@ -138,7 +138,7 @@ class Sampler:
             latest = sample.node_pct if dt is not None else 0.0
         mean = self.window.mean(now)
         return NodeState(now, self._samples, True, "", self._facts, latest,
-                         latest if mean is None else mean, sample.domains)
+                         latest if mean is None else mean, _carry_over(sample.domains, last))
 
     # -- the schedule
 
@@ -160,3 +160,22 @@ class Sampler:
             elif next_t - now > self.interval:  # the clock went backwards
                 next_t = now + self.interval
             stop.wait(next_t - now)
+
+
+def _carry_over(loads: tuple[DomainLoad, ...], last: NodeState | None) -> tuple[DomainLoad, ...]:
+    """An unmeasured domain known from the last state keeps its last percentages.
+
+    After a restart of the measurement (reconnect, clock jump) every domain
+    would otherwise read 0 % for one sample, and a telemetry published right
+    then would show a busy node's VMs as idle.  New domains still read 0 %.
+    """
+    if last is None or all(d.measured for d in loads):
+        return loads
+    known = {d.reading.uuid: d for d in last.domains}
+    out = []
+    for d in loads:
+        prev = known.get(d.reading.uuid)
+        if not d.measured and prev is not None:
+            d = DomainLoad(d.reading, prev.cpu_node_pct, prev.cpu_vcpu_pct, False)
+        out.append(d)
+    return tuple(out)

@@ -105,7 +105,7 @@ class Agent:
         self.seq = 0
         self.published = 0  # telemetry messages the broker confirmed
         self.dropped = 0  # telemetry messages given up while the broker was down
-        self._online_ok: bool | None = None  # hypervisor_ok of the last NodeOnline confirmed
+        self._online_ok: bool | None = None  # None: not announced yet; False: announced, hypervisor not ok since
         self._broker_ok = True
         self._sampling: threading.Thread | None = None
         self.offline_reason = "agent stopped"  # the entry point sets it from the signal received
@@ -154,6 +154,9 @@ class Agent:
             # Build after the NodeOnline: a long retry above must not send stale numbers.
             fresh = self.sampler.latest() or state
             self.bus.publish(telemetry_message(self.ident, fresh, self.seq), retry_for_s=budget_s)
+            if not fresh.hypervisor_ok:
+                # Readiness withdrawn: once the hypervisor answers again, say NodeOnline again.
+                self._online_ok = False
         except Exception as exc:  # BrokerUnavailable, or a refusal such as a permission error
             self.dropped += 1
             if self._broker_ok:
