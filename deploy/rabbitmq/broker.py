@@ -75,6 +75,8 @@ def env_for(s: dict) -> dict:
         RABBITMQ_CONFIG_FILE=str(d / "rabbitmq.conf"),
         RABBITMQ_ENABLED_PLUGINS_FILE=str(d / "enabled_plugins"),
         RABBITMQ_CONF_ENV_FILE=str(d / "rabbitmq-env.conf"),
+        # A CLI call against a stopped node writes a crash dump; keep it in the state folder.
+        ERL_CRASH_DUMP=str(d / "erl_crash.dump"),
     )
     return env
 
@@ -82,7 +84,7 @@ def env_for(s: dict) -> dict:
 def ctl(s: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(sbin() / "rabbitmqctl"), "-n", s["node"], *args],
-        env=env_for(s), capture_output=True, text=True, timeout=timeout,
+        env=env_for(s), capture_output=True, text=True, timeout=timeout, cwd=s["dir"] if s["dir"].exists() else None,
     )
 
 
