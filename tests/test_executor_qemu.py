@@ -153,10 +153,14 @@ def test_agent_killed_mid_migration_publishes_the_true_result(libvirt_lab, guest
         operator.publish(cmd, mandatory=True)
         wait_for(lambda: [r for r in watcher.of(cmd.command_id) if r.status == "accepted"], 30, interval=0.02,
                  what="accepted")
+        # Kill only once libvirt runs the job: that is "mid-migration", not before it began.
+        probe = LibvirtMigrator(info[A]["uri"])
+        wait_for(lambda: probe.job_active(name), 10, interval=0.01, what="the migration job on node-a")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         killed_at = time.monotonic()
         assert watcher.finals(cmd.command_id) == []
+        probe.close()
         proc = agent_process(config, broker, tmp_path / "agent.log")
         res = watcher.wait_final(cmd.command_id, timeout=90)[0]
         assert res.status == "succeeded", res.reason

@@ -396,9 +396,9 @@ def test_agent_killed_mid_migration_reports_after_restart(broker, vhost, tmp_pat
     """kill -9 of `enersis agent` while a (simulated) migration runs; the restarted agent reports it."""
     trace = tmp_path / "flat"
     trace.write_text("30\n" * 288)
-    # 1 GiB at 256 MiB/s: 4 s, long enough to kill the agent in the middle.
+    # 512 MiB at 256 MiB/s: 2 s, long enough to kill the agent in the middle.
     cluster = SimulatedCluster.create(tmp_path / "cluster", nodes=["node-1", "node-2"], vms=2, traces=[str(trace)],
-                                      vm_mem_mib=1024, migration_mib_s=256.0)
+                                      vm_mem_mib=512, migration_mib_s=256.0)
     config = write_node_toml(tmp_path / "node-1.toml", broker, vhost, "node-1", f"sim://{cluster.path}",
                              tmp_path / "state", {"node-2": {"uri": "sim:///unused"}})
     proc = agent_process(config, broker, tmp_path / "agent.log")
@@ -407,6 +407,9 @@ def test_agent_killed_mid_migration_reports_after_restart(broker, vhost, tmp_pat
         wait_for(lambda: _queue_exists(broker, vhost), 30, interval=0.2, what="the agent consuming its migrate queue")
         operator.publish(cmd, mandatory=True)
         wait_for(lambda: [r for r in watcher.of(cmd.command_id) if r.status == "accepted"], 30, what="accepted")
+        # Kill only once the migration runs: that is "mid-migration", not before it began.
+        wait_for(lambda: cluster.state()["vms"]["vm-1"]["migration"] is not None, 10, interval=0.01,
+                 what="the migration in flight")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert watcher.finals(cmd.command_id) == []  # it died before reporting
