@@ -281,6 +281,11 @@ def test_power_off_refuses_with_running_vms_unless_forced(flat_cluster: Simulate
     st = flat_cluster.state()
     assert st["vms"]["vm-2"]["state"] == SHUTOFF and st["vms"]["vm-2"]["lost"]
     assert "vm-2" not in flat_cluster.placement()
+    events = [(h["event"], h.get("node"), h.get("vm")) for h in flat_cluster.history()]
+    assert events == [("powered-on", "node-3", None), ("vm-killed-by-power-off", "node-2", "vm-2"),
+                      ("vm-killed-by-power-off", "node-2", "vm-4"), ("powered-off", "node-2", None)]
+    # The history is an append-only file of its own: the state every agent reads each second stays small.
+    assert "history" not in json.loads((flat_cluster.path / "cluster.json").read_text())
 
 
 def test_unreachable_hypervisor_and_vm_start_stop(flat_cluster: SimulatedCluster) -> None:

@@ -61,7 +61,7 @@ STATE_FILE = "cluster.json"
 LOCK_FILE = "cluster.lock"
 TRACE_STEP_S = 300.0  # PlanetLab: one sample every 5 minutes
 RUNNING, SHUTOFF = 1, 5  # libvirt virDomainState
-HISTORY_MAX = 1000
+HISTORY_FILE = "history.jsonl"  # append-only events (migrations, power): kept out of the state read every second
 
 
 class SimulationError(RuntimeError):
@@ -237,7 +237,6 @@ class SimulatedCluster:
             "downtime_ms": float(downtime_ms),
             "nodes": {},
             "vms": {},
-            "history": [],
         }
         for name in node_names:
             state["nodes"][name] = {
@@ -274,6 +273,7 @@ class SimulatedCluster:
                 "migration": None,
             }
         p.mkdir(parents=True, exist_ok=True)
+        (p / HISTORY_FILE).write_text("")
         _write_state(p, state)
         return cls(p, clock=clock)
 
@@ -287,10 +287,15 @@ class SimulatedCluster:
             try:
                 raw = (self.path / STATE_FILE).read_text()
                 state = json.loads(raw)
+                state["_events"] = []
                 self._rebase_after_reboot(state)
                 self._settle(state, self.clock())
                 yield state
-                new = json.dumps(state, indent=1, sort_keys=True)
+                events = state.pop("_events")
+                if events:
+                    with open(self.path / HISTORY_FILE, "a") as fh:
+                        fh.writelines(json.dumps(e, sort_keys=True) + "\n" for e in events)
+                new = _dumps(state)
                 if new != raw:
                     _write_state(self.path, state, text=new)
             finally:
@@ -326,19 +331,33 @@ class SimulatedCluster:
 
     @staticmethod
     def _log(state: dict[str, Any], at: float, event: str, **details: Any) -> None:
-        state["history"].append({"at": at, "event": event, **details})
-        del state["history"][:-HISTORY_MAX]
+        state["_events"].append({"at": at, "event": event, **details})
 
     # -- reading
 
-    def state(self) -> dict[str, Any]:
-        """A settled copy of the whole state (for tools, tests and the demo)."""
+    def state(self, *, history: bool = True) -> dict[str, Any]:
+        """A settled copy of the whole state (for tools, tests and the demo), with its event history."""
         with self._locked() as st:
-            return json.loads(json.dumps(st))
+            copy = json.loads(json.dumps({k: v for k, v in st.items() if k != "_events"}))
+        if history:
+            copy["history"] = self.history()
+        return copy
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every event so far, oldest first: migrations, power changes, VMs started, stopped or killed."""
+        with open(self.path / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                lines = (self.path / HISTORY_FILE).read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return [json.loads(line) for line in lines if line.strip()]
 
     def placement(self) -> dict[str, str]:
         """VM -> node, for every VM that is running (a VM being migrated is still on its source)."""
-        st = self.state()
+        st = self.state(history=False)
         return {name: vm["node"] for name, vm in sorted(st["vms"].items()) if vm["state"] == RUNNING}
 
     def sim_time_s(self, state: dict[str, Any], t: float) -> float:
@@ -444,9 +463,13 @@ def _free_kib(st: dict[str, Any], node: str) -> int:
     return st["nodes"][node]["mem_kib"] - used
 
 
+def _dumps(state: dict[str, Any]) -> str:
+    return json.dumps(state, separators=(",", ":"), sort_keys=True)
+
+
 def _write_state(path: Path, state: dict[str, Any], *, text: str | None = None) -> None:
     tmp = path / f".{STATE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(text if text is not None else json.dumps(state, indent=1, sort_keys=True))
+    tmp.write_text(text if text is not None else _dumps(state))
     os.replace(tmp, path / STATE_FILE)
 
 
@@ -460,7 +483,7 @@ class SimulatedHypervisor:
         self.cluster = cluster
         self.node = node
         self._sleep = sleep
-        st = cluster.state()
+        st = cluster.state(history=False)
         if node not in st["nodes"]:
             raise SimulationError(f"node {node!r} is not in the simulated cluster {cluster.path} "
                                   f"(nodes: {', '.join(sorted(st['nodes']))})")
