@@ -103,7 +103,8 @@ def test_busy_guest_migrates_a_to_b_once_per_command_id(libvirt_lab, guest, exec
     name, serial = guest
     peers = {B: targets(libvirt_lab)[B]}
     svc = executors.start(A, LibvirtMigrator(libvirt_lab.uri(A)), tmp_path / "state", peers, max_outgoing=2)
-    cmd = migrate(name, A, B, reason="test")
+    # A bandwidth cap and auto-converge reach libvirt as VIR_MIGRATE_PARAM_BANDWIDTH / VIR_MIGRATE_AUTO_CONVERGE.
+    cmd = migrate(name, A, B, reason="test", bandwidth_mib_s=200, auto_converge=True)
     operator.publish(cmd, mandatory=True)
     operator.publish(cmd)  # the duplicate arrives while the migration runs
     finals = watcher.wait_final(cmd.command_id, timeout=60, count=2)
@@ -202,3 +203,15 @@ def test_guest_not_on_a_is_rejected_and_vm_on_target_is_skipped(libvirt_lab, gue
     res = watcher.wait_final(missing.command_id, timeout=30)[0]
     assert res.status == "rejected" and "no-such-guest is not running on node-a" in res.reason
     assert where(libvirt_lab, name) == {A: "running"}
+
+
+def test_timeout_aborts_the_job_and_guest_keeps_running_on_a(libvirt_lab, guest, executors, watcher, operator,
+                                                             tmp_path):
+    name, serial = guest
+    executors.start(A, LibvirtMigrator(libvirt_lab.uri(A)), tmp_path / "state", {B: targets(libvirt_lab)[B]})
+    cmd = migrate(name, A, B, timeout_s=0.2)
+    operator.publish(cmd)
+    res = watcher.wait_final(cmd.command_id, timeout=60)[0]
+    assert res.status == "failed" and res.retryable and "timed out after 0.2s" in res.reason, res.reason
+    assert where(libvirt_lab, name) == {A: "running"}
+    assert_still_executing(serial)
