@@ -385,3 +385,35 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_unknown_top_level_key_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     cfg = parse_agent_config({"node": "n1", "hypervisor": {"uri": "test:///default"}, "telemetryy": {}})
     assert cfg.node == "n1" and "telemetryy" in caplog.text
+
+
+def test_publish_loop_cadence_outage_retries_and_no_burst_after_a_stall() -> None:
+    hv, clock = FakeHypervisor(), FakeClock()
+    hv.add("a")
+    s = make_sampler(hv, clock)
+    s.sample_once()
+    bus = RecordingBus()
+    agent = Agent(Identity("node-1", "boot", "v", 1.0, 5.0, 3.0), s, bus, clock=clock)
+    waits: list[float] = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout=None):  # the loop's only sleep: advance the fake clock instead
+            waits.append(timeout)
+            clock.t += timeout
+            if len(waits) == 2:
+                bus.down = True
+            if len(waits) == 4:
+                bus.down = False
+            if len(waits) == 5:
+                clock.t += 60  # the process was stopped for a minute
+            if len(waits) >= 7:
+                self.set()
+            return self.is_set()
+
+    agent._publish_loop(Stop())
+    # Every period while the broker is up; every second (with the newest state) while it is down;
+    # back on the period after it returns; one message, not a catch-up burst, after the stall.
+    assert waits == pytest.approx([5, 5, 1, 1, 5, 5, 5])
+    tel = [m for m in bus.sent if isinstance(m, NodeTelemetry)]
+    assert [m.seq for m in tel] == [1, 2, 5, 6, 7]  # 3 and 4 were dropped, never resent
+    assert agent.dropped == 2
