@@ -437,3 +437,21 @@ def _queue_exists(broker: Any, vhost: str) -> bool:
     except Exception:
         return False
     return bool(q.get("consumers"))
+
+
+def test_simulated_nodes_need_no_peers_table(broker, vhost, cluster, watcher, operator, tmp_path):
+    from enersis.agent.executor import start_executor
+
+    pub = Publisher(broker.settings("agent", vhost), sender="agent.node-1")
+    svc = start_executor("node-1", f"sim://{cluster.path}", broker.settings("agent", vhost), pub,
+                         {"executor": {"state_dir": str(tmp_path / "state")}})
+    try:
+        assert set(svc.executor.config.peers) == {"node-2"}
+        wait_for(svc.consumer.ready.is_set, 20, what="executor consuming")
+        cmd = migrate("vm-1", "node-1", "node-2")
+        operator.publish(cmd)
+        assert watcher.wait_final(cmd.command_id)[0].status == "succeeded"
+        assert cluster.placement()["vm-1"] == "node-2"
+    finally:
+        svc.stop()
+        pub.close()

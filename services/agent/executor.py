@@ -6,7 +6,7 @@
     state_dir = "/var/lib/enersis/executor"  # the command journal (idempotency, crash recovery)
     peer2peer = true                         # libvirt drives the migration; it survives an executor crash
     journal_days = 7                         # how long a command id is remembered
-    [peers.node-2]
+    [peers.node-2]                           # (simulated cluster, sim://: optional, every node is a peer)
     uri = "qemu+ssh://node-2/system"         # the target's libvirt
     migration_uri = "tcp://10.0.0.12"        # VIR_MIGRATE_PARAM_URI (optional)
     listen_address = "10.0.0.12"             # VIR_MIGRATE_PARAM_LISTEN_ADDRESS (optional)
@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -371,6 +371,10 @@ def start_executor(node: str, hypervisor_uri: str, settings: Any, publisher: Pub
     except OSError as exc:
         raise ConfigError(f"{source} [executor] state_dir {config.state_dir!r}: {exc}") from None
     migrator = open_migrator(hypervisor_uri, node, config, hypervisor)
+    if hypervisor_uri.startswith("sim://") and not config.peers:
+        # A simulated cluster knows its nodes: without [peers], every other node of it is a target.
+        others = sorted(n for n in migrator.cluster.state()["nodes"] if n != node)  # type: ignore[attr-defined]
+        config = replace(config, peers={n: MigrationTarget(n, hypervisor_uri) for n in others})
     service = ExecutorService.build(node, settings.with_(connection_name=f"executor-{node}"), publisher,
                                     migrator, config)
     log.info("executor for %s: max %d outgoing, peers %s, journal %s, %s", node, config.max_outgoing,
