@@ -417,3 +417,29 @@ def test_publish_loop_cadence_outage_retries_and_no_burst_after_a_stall() -> Non
     tel = [m for m in bus.sent if isinstance(m, NodeTelemetry)]
     assert [m.seq for m in tel] == [1, 2, 5, 6, 7]  # 3 and 4 were dropped, never resent
     assert agent.dropped == 2
+
+
+def test_xen_host_domain_counts_in_the_load_but_is_not_a_vm() -> None:
+    # On Xen the host OS is Domain-0 (the seed's reason to measure from the hypervisor):
+    # its CPU is part of the node's load; it is not in the inventory the arbiter may migrate.
+    hv, clock = FakeHypervisor(cpus=2), FakeClock()
+    hv.add("vm-1")
+    plain = hv.read_domains
+
+    def with_dom0() -> list[DomainReading]:
+        dom0 = DomainReading("Domain-0", "00000000-0000-0000-0000-000000000000", 1, 2, 1 << 20, 1 << 20,
+                             int(clock.t * 0.5 * S), host=True)  # half a CPU, all the time
+        return [dom0] + plain()
+
+    hv.read_domains = with_dom0  # type: ignore[method-assign]
+    s = make_sampler(hv, clock)
+    s.sample_once()
+    clock.t += 1
+    hv.burn("vm-1", 1.0)
+    st = s.sample_once()
+    assert st.cpu_pct_latest == pytest.approx((0.5 + 1.0) / 2 * 100)
+    ident = Identity("xen-1", "b", "v", 1, 5, 10)
+    msg = telemetry_message(ident, st, 1)
+    assert [d.name for d in msg.domains] == ["vm-1"]
+    assert msg.cpu_pct_latest == pytest.approx(75)
+    assert online_message(ident, st).domain_count == 1

@@ -41,6 +41,9 @@ class DomainReading:
     mem_max_kib: int
     mem_kib: int
     cpu_time_ns: int
+    # The host's own domain (Xen's Domain-0): its CPU counts in the node's load,
+    # as in the seed, but it is not a VM and never appears in the inventory.
+    host: bool = False
 
 
 class Hypervisor(Protocol):

@@ -177,7 +177,7 @@ class LibvirtHypervisor:
             vcpus = s.get("vcpu.current") or s.get("vcpu.maximum") or 1
             out.append(DomainReading(dom.name(), dom.UUIDString(), int(s.get("state.state", 0)), int(vcpus),
                                      int(s["balloon.maximum"]), int(s.get("balloon.current", s["balloon.maximum"])),
-                                     int(s["cpu.time"])))
+                                     int(s["cpu.time"]), _is_host(dom)))
         return out
 
     def _read_each(self, conn: Any) -> list[DomainReading]:
@@ -186,7 +186,7 @@ class LibvirtHypervisor:
             try:
                 state, mem_max, mem, vcpus, cpu_time = dom.info()
                 out.append(DomainReading(dom.name(), dom.UUIDString(), int(state), int(vcpus),
-                                         int(mem_max), int(mem), int(cpu_time)))
+                                         int(mem_max), int(mem), int(cpu_time), _is_host(dom)))
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() in _CONNECTION_ERRORS:
                     raise
@@ -212,6 +212,14 @@ def _msg(exc: BaseException) -> str:
     if isinstance(exc, libvirt.libvirtError):
         return exc.get_error_message() or str(exc)
     return str(exc)
+
+
+def _is_host(dom: Any) -> bool:
+    # Xen's Domain-0 (the host OS) has id 0; QEMU and test domains start at 1.
+    try:
+        return dom.ID() == 0
+    except libvirt.libvirtError:
+        return False
 
 
 def _alive(conn: Any) -> bool:

@@ -69,6 +69,7 @@ def telemetry_message(ident: Identity, state: NodeState, seq: int) -> NodeTeleme
             DomainSample(d.reading.name, d.reading.uuid, d.reading.state, d.reading.vcpus,
                          d.reading.mem_max_kib, d.reading.mem_kib, _r(d.cpu_node_pct), _r(d.cpu_vcpu_pct))
             for d in state.domains
+            if not d.reading.host
         ],
         agent_version=ident.agent_version,
         error=state.error[:500],
@@ -81,7 +82,7 @@ def online_message(ident: Identity, state: NodeState) -> NodeOnline:
         boot_id=ident.boot_id,
         hypervisor_ok=state.hypervisor_ok,
         hypervisor_type=state.facts.hypervisor_type if state.facts else "",
-        domain_count=len(state.domains),
+        domain_count=sum(1 for d in state.domains if not d.reading.host),
         agent_version=ident.agent_version,
         publish_interval_s=ident.publish_interval_s,
     )
