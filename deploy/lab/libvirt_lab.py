@@ -4,6 +4,7 @@
     python3 deploy/lab/libvirt_lab.py up [--nodes 2]
     python3 deploy/lab/libvirt_lab.py guest --node a --name g1 --mode busy [--serial FILE]
     python3 deploy/lab/libvirt_lab.py status
+    python3 deploy/lab/libvirt_lab.py node-toml --node a   # node, [hypervisor], [peers.*] for enersis agent
     python3 deploy/lab/libvirt_lab.py down
 
 Stdlib only; needs root and the Debian packages libvirt-daemon,
@@ -474,6 +475,17 @@ class Lab:
             nodes[node] = entry
         return {"root": str(self.root), "nodes": nodes, "processes": self.lab_processes()}
 
+    def node_toml(self, node: str) -> str:
+        """The [hypervisor] and [peers.*] tables of an agent's node.toml for a lab node."""
+        node = self.resolve_node(node)
+        nodes = self.info()["nodes"]
+        lines = [f'node = "{node}"', "", "[hypervisor]", f'uri = "{nodes[node]["uri"]}"']
+        for peer, rec in nodes.items():
+            if peer != node:
+                lines += ["", f"[peers.{peer}]", f'uri = "{rec["uri"]}"',
+                          f'migration_uri = "{rec["migration_uri"]}"', f'listen_address = "{rec["listen_address"]}"']
+        return "\n".join(lines) + "\n"
+
     def stop_node(self, node: str) -> None:
         """Stop one daemon (its guests keep running): a 'dead daemon' for failure tests."""
         node = self.resolve_node(node)
@@ -499,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     p_g.add_argument("--name", required=True)
     p_g.add_argument("--mode", choices=sorted(guest_kernel.CODE), default="busy")
     p_g.add_argument("--serial", help="file that receives the guest's COM1 output")
+    p_t = sub.add_parser("node-toml", help="print node.toml tables (node, [hypervisor], [peers.*]) for a lab node")
+    p_t.add_argument("--node", required=True)
     args = parser.parse_args(argv)
     lab = Lab(args.dir)
     try:
@@ -515,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             st = lab.status()
             print(json.dumps(st, indent=2))
             return 0 if st["nodes"] and all(n["up"] for n in st["nodes"].values()) else 3
+        elif args.cmd == "node-toml":
+            print(lab.node_toml(args.node), end="")
         elif args.cmd == "guest":
             serial = str(Path(args.serial).resolve()) if args.serial else None
             g = lab.guest(args.node, args.name, args.mode, serial)
