@@ -221,12 +221,14 @@ ROLES: dict[str, dict[str, Any]] = {
     },
     "power": {
         # Each power instance needs every NodeOnline, so it binds a private
-        # server-named queue (amq.gen-…) to the telemetry exchange.
+        # server-named queue (amq.gen-…) to the telemetry exchange; it also
+        # reads its peers' power results that way, so instances sharing the
+        # command queue do a duplicated command once.
         "tags": [],
         "configure": r"^amq\.gen-.*$",
         "write": r"^(enersis\.(results|dlx)|amq\.gen-.*)$",
-        "read": r"^(enersis\.(cmd\.power|telemetry)|amq\.gen-.*)$",
-        "doc": "consumes power commands and telemetry (private queue); publishes results",
+        "read": r"^(enersis\.(cmd\.power|telemetry|results)|amq\.gen-.*)$",
+        "doc": "consumes power commands, telemetry and peers' power results (private queues); publishes results",
     },
     "arbiter": {
         "tags": [],

@@ -413,3 +413,50 @@ def test_malformed_commands_are_dead_lettered_with_a_reason(h):
     reused = [v for k, v in dead.items() if k not in bad]
     assert reused and "already used for WakeNode" in reused[0]
     assert h.switch.wakes == [] and h.switch.shutdowns == []
+
+
+# ---------------------------------------------------------------- several instances on one queue
+
+
+def test_instances_sharing_the_queue_do_a_duplicate_once_and_refuse_the_opposite(broker, vhost, caplog):
+    # One command in flight each (prefetch 1), so the next delivery goes to the other instance.
+    h = Harness(broker, vhost, max_parallel=1)
+    other_switch = FakeSwitch()
+    other = PowerApp(power_config(max_parallel=1), broker=broker.settings("power", vhost), switch=other_switch).start()
+    release = threading.Event()
+
+    def boots_when_released(node: str) -> None:
+        threading.Thread(target=lambda: (release.wait(20), h.agent.publish(NodeOnline(
+            node=node, boot_id="b9", hypervisor_ok=True, hypervisor_type="test", domain_count=0)))).start()
+
+    h.switch.on_wake = other_switch.on_wake = boots_when_released
+    apps = (h.app, other)
+    try:
+        wait_for(other.ready.is_set, 15, what="second instance ready")
+        c1 = cid()
+        h.arbiter.publish(WakeNode(command_id=c1, node="n1"))
+        wait_for(lambda: any(app.peers.get(c1) for app in apps), 10, what="the peer saw 'accepted'")
+        h.arbiter.publish(WakeNode(command_id=c1, node="n1"))  # the duplicate lands on the idle instance
+        wait_for(lambda: any(f"{c1} for n1 is in progress on power@" in r.getMessage() for r in caplog.records),
+                 10, what="the idle instance waiting for its peer")
+        release.set()
+        assert h.watcher.final(c1).status == "succeeded"
+        wait_for(lambda: any(f"{c1}: power@" in r.getMessage() and "nothing to do here" in r.getMessage()
+                             for r in caplog.records), 10, what="the waiting instance done")
+        assert h.watcher.statuses(c1) == ["accepted", "succeeded"], "the waiting instance published nothing"
+        assert len(h.switch.wakes) + len(other_switch.wakes) == 1
+
+        release.clear()
+        c2, c3 = cid(), cid()
+        h.arbiter.publish(WakeNode(command_id=c2, node="n2"))
+        wait_for(lambda: any(app.peers.busy("n2") for app in apps), 10, what="the peer saw the wake of n2")
+        h.arbiter.publish(ShutdownNode(command_id=c3, node="n2", issued_by="arbiter"))
+        refused = h.watcher.final(c3)
+        assert refused.status == "rejected" and refused.retryable and f"{c2} on power@" in refused.reason
+        release.set()
+        assert h.watcher.final(c2).status == "succeeded"
+        assert h.switch.shutdowns == other_switch.shutdowns == []
+    finally:
+        release.set()
+        other.stop()
+        h.close()

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import threading
+import uuid
 from typing import Any
 
 from enersis.common import topology
@@ -25,6 +27,7 @@ from enersis.common.bus import Consumer, Publisher
 from enersis.common.config import BrokerSettings, ConfigError
 
 from .inventory import PowerConfig, load_config
+from .peers import PeerLedger
 from .service import COMMAND_KINDS, PowerService
 from .switch import PowerSwitch, WolSshSwitch
 from .tracker import NodeTracker
@@ -46,12 +49,16 @@ class PowerApp:
         self.switch = switch or WolSshSwitch(repeats=s.wol_repeats, gap_s=s.wol_gap_s,
                                              connect_timeout_s=s.ssh_connect_timeout_s,
                                              command_timeout_s=s.ssh_command_timeout_s)
-        self.publisher = Publisher(settings, f"{name}@{socket.gethostname()}")
+        # The sender name tells this instance's results from its peers' (several may run on one host).
+        sender = f"{name}@{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self.publisher = Publisher(settings, sender)
+        self.peers = PeerLedger(sender)
         self.service = PowerService(nodes=config.nodes, settings=s, switch=self.switch, tracker=self.tracker,
-                                    publish=self.publisher.publish)
+                                    publish=self.publisher.publish, peers=self.peers)
         # Commands wait for evidence for minutes: one worker (and one unacked message) per command in flight.
         self.consumer = Consumer(settings, self.publisher, prefetch=s.max_parallel, workers=s.max_parallel, name=name)
         self.consumer.subscribe(self._declare_telemetry_queue, self.service.on_telemetry, inline=True)
+        self.consumer.subscribe(self._declare_peer_results_queue, self.service.on_peer_result, inline=True)
         self.consumer.subscribe(topology.Q_POWER, self.service.on_command, allow_json=True, accept=COMMAND_KINDS)
 
     def _declare_telemetry_queue(self, channel: Any) -> str:
@@ -60,6 +67,13 @@ class PowerApp:
                                   arguments=topology.telemetry_queue_arguments()).method.queue
         channel.queue_bind(q, topology.EX_TELEMETRY, routing_key="#")
         self.tracker.listening()
+        return q
+
+    @staticmethod
+    def _declare_peer_results_queue(channel: Any) -> str:
+        q = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        for kind in sorted(COMMAND_KINDS):
+            channel.queue_bind(q, topology.EX_RESULTS, routing_key=f"result.{kind}.#")
         return q
 
     @property

@@ -13,9 +13,8 @@ replay of a finished command republishes its result and does nothing else;
 a redelivery of one in progress waits for it.  A second command for a node
 with an operation in progress joins it when it asks the same thing and is
 rejected (retryable) when it asks the opposite.  Several instances may share
-the command queue: each decides from the node's own state, so a duplicate
-that lands on another instance finds the node already online/off (see the
-report in the commit history for the remaining window).
+the command queue: each also reads its peers' results (peers.py), so a
+duplicate that lands on another instance waits for the peer's answer.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from enersis.common.messages import CommandResult, NodeOffline, NodeOnline, Node
 
 from .checks import NodeStatus, Verdict, probe_verdict, shutdown_verdict, wake_verdict
 from .inventory import NodePower, PowerSettings
+from .peers import PeerLedger
 from .switch import PowerSwitch, SwitchError
 from .tracker import NodeTracker
 
@@ -59,12 +59,14 @@ class PowerService:
         switch: PowerSwitch,
         tracker: NodeTracker,
         publish: Callable[[CommandResult], Any],
+        peers: PeerLedger | None = None,
     ):
         self.nodes = nodes
         self.settings = settings
         self.switch = switch
         self.tracker = tracker
         self._publish = publish
+        self.peers = peers
         self._lock = threading.Lock()
         self._ops: OrderedDict[str, _Op] = OrderedDict()  # by command id, oldest first
         self._busy: dict[str, _Op] = {}  # node -> the operation running on it
@@ -76,19 +78,34 @@ class PowerService:
         if isinstance(delivery.message, (NodeTelemetry, NodeOnline, NodeOffline)):
             self.tracker.observe(delivery.message)
 
+    def on_peer_result(self, delivery: Delivery) -> None:
+        """Inline on the bus I/O thread: another instance's WakeNode/ShutdownNode result."""
+        if self.peers is not None and isinstance(delivery.message, CommandResult):
+            self.peers.observe(delivery.message, delivery.envelope.sender)
+
     def on_command(self, delivery: Delivery) -> None:
         """On a worker thread; returns (ack) once the command's final result is published."""
         cmd = delivery.message
         if not isinstance(cmd, (WakeNode, ShutdownNode)):
             raise PermanentError(f"the power service handles WakeNode and ShutdownNode, not {cmd.KIND}")
+        if self._done_by_peer(cmd):
+            return
         op, earlier, busy = self._register(cmd)
         if earlier is not None:
             self._replay(cmd, earlier)
             return
         try:
+            result: CommandResult | None = None
             if busy is not None:
-                result = self._join_or_refuse(cmd, busy)
-            else:
+                result = self._join_or_refuse(cmd, busy.kind, busy.command_id, "",
+                                              lambda: busy.done.wait() and busy.result)
+            elif self.peers is not None and (peer := self.peers.busy(cmd.node)) is not None:
+                result = self._join_or_refuse(cmd, peer.kind, peer.command_id, f" on {peer.sender}",
+                                              lambda: self.peers.wait_final(peer, self._budget(peer.kind)))
+                if result is None:
+                    log.warning("%s %s: %s gave no result for %s in time; doing it here", cmd.KIND,
+                                cmd.command_id, peer.sender, peer.command_id)
+            if result is None:
                 result = self._execute(cmd)
         except Exception as exc:  # a bug must still end in a result, not a silent requeue loop
             log.exception("%s %s for %s: unexpected error", cmd.KIND, cmd.command_id, cmd.node)
@@ -139,19 +156,55 @@ class PowerService:
         if not earlier.published:
             self._publish_final(earlier)
 
-    def _join_or_refuse(self, cmd: WakeNode | ShutdownNode, busy: _Op) -> CommandResult:
-        if busy.kind != cmd.KIND:
-            verb = "waking" if busy.kind == WakeNode.KIND else "shutting down"
-            return self._result(cmd, "rejected", f"{cmd.node} is {verb} (command {busy.command_id}); "
+    def _done_by_peer(self, cmd: WakeNode | ShutdownNode) -> bool:
+        """A command another instance accepted: wait for its answer (or republish it) instead of redoing it."""
+        peer = self.peers.get(cmd.command_id) if self.peers is not None else None
+        if peer is None:
+            return False
+        with self._lock:
+            if cmd.command_id in self._ops:
+                return False  # ours after all: the local ledger decides
+        if (peer.kind, peer.node) != (cmd.KIND, cmd.node):
+            raise PermanentError(f"command_id {cmd.command_id!r} was already used for {peer.kind} of {peer.node}; "
+                                 "a new command needs a new command_id")
+        if peer.result is None:
+            log.info("%s %s for %s is in progress on %s; waiting for its result", cmd.KIND, cmd.command_id,
+                     cmd.node, peer.sender)
+            answer = self.peers.wait_final(peer, self._budget(cmd.KIND))  # type: ignore[union-attr]
+            if answer is None:
+                log.warning("%s %s: %s gave no result in time; doing it here", cmd.KIND, cmd.command_id, peer.sender)
+                return False
+            log.info("%s %s: %s answered %s; nothing to do here", cmd.KIND, cmd.command_id, peer.sender, answer.status)
+            return True
+        log.info("%s %s for %s was already done by %s (%s); republishing its result, doing nothing",
+                 cmd.KIND, cmd.command_id, cmd.node, peer.sender, peer.result.status)
+        try:
+            self._publish(peer.result)
+        except (BrokerUnavailable, OSError) as exc:
+            raise TemporaryError(f"could not republish the result of {cmd.KIND} {cmd.command_id}: {exc}") from exc
+        return True
+
+    def _budget(self, kind: str) -> float:
+        """How long another operation of `kind` may take, at most, before we stop waiting for it."""
+        s = self.settings
+        wait = s.wake_timeout_s if kind == WakeNode.KIND else s.shutdown_timeout_s + s.stale_after_s
+        return wait + s.ssh_connect_timeout_s + s.ssh_command_timeout_s + 30.0
+
+    def _join_or_refuse(self, cmd: WakeNode | ShutdownNode, kind: str, other_id: str, where: str,
+                        wait: Callable[[], CommandResult | None]) -> CommandResult | None:
+        """Join an operation in progress on the same node, or refuse the opposite; None: it never ended."""
+        if kind != cmd.KIND:
+            verb = "waking" if kind == WakeNode.KIND else "shutting down"
+            return self._result(cmd, "rejected", f"{cmd.node} is {verb} (command {other_id}{where}); "
                                                  "send this again once that command has finished",
-                                retryable=True, details={"busy_with": busy.command_id})
-        self._accepted(cmd, f"joining {busy.kind} {busy.command_id} already in progress for {cmd.node}",
-                       {"joined": busy.command_id})
-        busy.done.wait()
-        first = busy.result
-        assert first is not None
+                                retryable=True, details={"busy_with": other_id})
+        self._accepted(cmd, f"joining {kind} {other_id}{where} already in progress for {cmd.node}",
+                       {"joined": other_id})
+        first = wait()
+        if not first:
+            return None
         return self._result(cmd, first.status, first.reason, retryable=first.retryable,
-                            details={**first.details, "joined": busy.command_id})
+                            details={**first.details, "joined": other_id})
 
     # ---------------------------------------------------------------- the work
 
