@@ -432,7 +432,8 @@ def test_instances_sharing_the_queue_do_a_duplicate_once_and_refuse_the_opposite
     h.switch.on_wake = other_switch.on_wake = boots_when_released
     apps = (h.app, other)
     try:
-        wait_for(other.ready.is_set, 15, what="second instance ready")
+        wait_for(lambda: other.ready.is_set() and other.peers_ready.is_set() and h.app.peers_ready.is_set(), 15,
+                 what="both instances ready")
         c1 = cid()
         h.arbiter.publish(WakeNode(command_id=c1, node="n1"))
         wait_for(lambda: any(app.peers.get(c1) for app in apps), 10, what="the peer saw 'accepted'")
@@ -459,4 +460,22 @@ def test_instances_sharing_the_queue_do_a_duplicate_once_and_refuse_the_opposite
     finally:
         release.set()
         other.stop()
+        h.close()
+
+
+def test_commands_still_work_where_the_broker_refuses_the_peer_results_queue(broker, vhost):
+    # A broker whose definitions predate the power role's read access to enersis.results.
+    old_read = r"^(enersis\.(cmd\.power|telemetry)|amq\.gen-.*)$"
+    role = topology.ROLES["power"]
+    broker.api("PUT", f"permissions/{vhost}/power", {"configure": role["configure"], "write": role["write"],
+                                                     "read": old_read})
+    h = Harness(broker, vhost)
+    try:
+        h.switch.on_wake = lambda node: h.agent.publish(NodeOnline(node=node, boot_id="b2", hypervisor_ok=True,
+                                                                   hypervisor_type="test", domain_count=0))
+        c = cid()
+        h.arbiter.publish(WakeNode(command_id=c, node="n1"))
+        assert h.watcher.final(c).status == "succeeded"
+        assert not h.app.peers_ready.is_set()
+    finally:
         h.close()

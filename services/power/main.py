@@ -58,7 +58,10 @@ class PowerApp:
         # Commands wait for evidence for minutes: one worker (and one unacked message) per command in flight.
         self.consumer = Consumer(settings, self.publisher, prefetch=s.max_parallel, workers=s.max_parallel, name=name)
         self.consumer.subscribe(self._declare_telemetry_queue, self.service.on_telemetry, inline=True)
-        self.consumer.subscribe(self._declare_peer_results_queue, self.service.on_peer_result, inline=True)
+        # Its own connection: a broker whose definitions predate the power role's read access to
+        # enersis.results refuses this queue, and that must not stop the commands (it only logs).
+        self.peer_consumer = Consumer(settings, self.publisher, workers=1, name=f"{name}-peers")
+        self.peer_consumer.subscribe(self._declare_peer_results_queue, self.service.on_peer_result, inline=True)
         self.consumer.subscribe(topology.Q_POWER, self.service.on_command, allow_json=True, accept=COMMAND_KINDS)
 
     def _declare_telemetry_queue(self, channel: Any) -> str:
@@ -80,12 +83,18 @@ class PowerApp:
     def ready(self) -> threading.Event:
         return self.consumer.ready
 
+    @property
+    def peers_ready(self) -> threading.Event:
+        return self.peer_consumer.ready
+
     def start(self) -> "PowerApp":
+        self.peer_consumer.start()
         self.consumer.start()
         return self
 
     def stop(self) -> None:
         self.consumer.stop()
+        self.peer_consumer.stop()
         self.publisher.close()
 
 
