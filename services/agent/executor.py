@@ -229,6 +229,8 @@ class MigrationExecutor:
             outcome = self.migrator.migrate(cmd.vm, target, timeout_s=cmd.timeout_s,
                                             bandwidth_mib_s=cmd.bandwidth_mib_s, auto_converge=cmd.auto_converge)
             ok = outcome.ok
+            log.info("MigrateVm %s: libvirt %s after %.2fs%s", cmd.command_id, "finished" if ok else "failed",
+                     outcome.duration_s, f": {outcome.error}" if outcome.error else "")
             if not ok and self._landed(cmd, target):
                 # The job reported an error after the VM had already moved: the VM's place is the truth.
                 log.warning("MigrateVm %s: libvirt reported %r but %s runs on %s only; counting it as done",
