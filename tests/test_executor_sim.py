@@ -336,7 +336,7 @@ def test_target_down_fails_with_reason(broker, vhost, cluster, peers, executors,
 def test_recovery_publishes_the_true_result_of_unfinished_commands(broker, vhost, cluster, peers, watcher, tmp_path):
     """Journal says "started", nobody reported: a new executor asks the hypervisor and answers truthfully."""
     state = tmp_path / "state"
-    journal = Journal(state)
+    journal = Journal(state / "node-1")  # the executor keeps one journal folder per node
     hv = SimulatedHypervisor(cluster, "node-1")
     moved = migrate("vm-1", "node-1", "node-2")
     stayed = migrate("vm-3", "node-1", "node-2")

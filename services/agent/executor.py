@@ -3,7 +3,7 @@
     [executor]
     enabled = true
     max_outgoing = 1                         # migrations leaving this node at once
-    state_dir = "/var/lib/enersis/executor"  # the command journal (idempotency, crash recovery)
+    state_dir = "/var/lib/enersis/executor"  # the command journal, in <state_dir>/<node>/ (idempotency, recovery)
     peer2peer = true                         # libvirt drives the migration; it survives an executor crash
     journal_days = 7                         # how long a command id is remembered
     [peers.node-2]                           # (simulated cluster, sim://: optional, every node is a peer)
@@ -121,7 +121,8 @@ class MigrationExecutor:
         self.migrator = migrator
         self.publisher = publisher
         self.config = config
-        self.journal = Journal(config.state_dir)
+        # One folder per node: several simulated nodes on one machine may share state_dir.
+        self.journal = Journal(Path(config.state_dir) / node)
         self._clock = clock
         self._sleep = sleep
         self._slots = threading.BoundedSemaphore(config.max_outgoing)
@@ -257,6 +258,10 @@ class MigrationExecutor:
         results = []
         for rec in self.journal.unfinished():
             cid = rec["command_id"]
+            if rec.get("command", {}).get("source") != self.node:
+                log.error("journal record of %s names source %s, not %s; leaving it alone", cid,
+                          rec.get("command", {}).get("source"), self.node)
+                continue
             with self._lock:
                 if cid in self._inflight:
                     continue
