@@ -25,7 +25,8 @@ libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86 and util-linux
   leaves QEMU running when it exits), then stops the daemons, then kills any
   QEMU of this lab that is left.
 
-State lives in ENERSIS_LAB_DIR (default <repo>/.lab/libvirt); `<lab>/lab.json`
+State lives in ENERSIS_LAB_DIR (default <repo>/.lab/libvirt, or /tmp/enersis-lab-<hash>
+when the clone's path is too long for unix sockets); `<lab>/lab.json`
 lists each node's libvirt URI and migration address.  `up`, `guest` and
 `down` are idempotent.  Tests import this file (see tests/conftest.py's
 `libvirt_lab` fixture) and use the `Lab` class.
@@ -71,7 +72,13 @@ class LabError(RuntimeError):
 
 def default_dir() -> Path:
     env = os.environ.get("ENERSIS_LAB_DIR")
-    return Path(env).resolve() if env else REPO / ".lab" / "libvirt"
+    if env:
+        return Path(env).resolve()
+    inside = REPO / ".lab" / "libvirt"
+    if len(str(inside / "node-z" / "run" / "libvirt-sock")) <= SOCKET_MAX:
+        return inside
+    # A clone deep in the file system: unix socket paths would be too long there.
+    return Path("/tmp") / f"enersis-lab-{hashlib.sha256(str(REPO).encode()).hexdigest()[:10]}"
 
 
 def node_names(count: int) -> list[str]:
