@@ -479,3 +479,26 @@ def test_commands_still_work_where_the_broker_refuses_the_peer_results_queue(bro
         assert not h.app.peers_ready.is_set()
     finally:
         h.close()
+
+
+def test_stopping_mid_wake_returns_promptly_and_the_command_is_finished_by_the_next_instance(broker, vhost):
+    import time
+
+    h = Harness(broker, vhost, wake_timeout_s=60)
+    c = cid()
+    h.arbiter.publish(WakeNode(command_id=c, node="n1"))
+    wait_for(lambda: "accepted" in h.watcher.statuses(c), 10, what="accepted")
+    t = time.monotonic()
+    h.app.stop()
+    assert time.monotonic() - t < 5, "stop must not sit out the 60 s wake"
+    switch = FakeSwitch()
+    switch.on_wake = lambda node: h.agent.publish(NodeOnline(node=node, boot_id="b5", hypervisor_ok=True,
+                                                             hypervisor_type="test", domain_count=0))
+    successor = PowerApp(power_config(), broker=broker.settings("power", vhost), switch=switch).start()
+    try:
+        r = h.watcher.final(c, timeout=30)
+        assert r.status == "succeeded" and h.watcher.statuses(c) == ["accepted", "accepted", "succeeded"]
+        assert switch.wakes == ["n1"]
+    finally:
+        successor.stop()
+        h.close()

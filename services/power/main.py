@@ -93,6 +93,7 @@ class PowerApp:
         return self
 
     def stop(self) -> None:
+        self.service.stop()
         self.consumer.stop()
         self.peer_consumer.stop()
         self.publisher.close()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from enersis.common.messages import CommandResult
 
+from .tracker import Stopped
+
 WATCHED_KINDS = frozenset({"WakeNode", "ShutdownNode"})
 
 
@@ -38,6 +40,12 @@ class PeerLedger:
         self._cond = threading.Condition()
         self._ops: OrderedDict[str, PeerOp] = OrderedDict()
         self._busy: dict[str, PeerOp] = {}  # node -> the peer operation running on it
+        self._stopped = False
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
 
     def observe(self, result: CommandResult, sender: str) -> None:
         """Inline on the bus I/O thread."""
@@ -72,6 +80,8 @@ class PeerLedger:
         deadline = time.monotonic() + timeout
         with self._cond:
             while op.result is None:
+                if self._stopped:
+                    raise Stopped()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None

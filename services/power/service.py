@@ -32,7 +32,7 @@ from .checks import NodeStatus, Verdict, probe_verdict, shutdown_verdict, wake_v
 from .inventory import NodePower, PowerSettings
 from .peers import PeerLedger
 from .switch import PowerSwitch, SwitchError
-from .tracker import NodeTracker
+from .tracker import NodeTracker, Stopped
 
 log = logging.getLogger("enersis.power.service")
 
@@ -78,6 +78,12 @@ class PowerService:
         if isinstance(delivery.message, (NodeTelemetry, NodeOnline, NodeOffline)):
             self.tracker.observe(delivery.message)
 
+    def stop(self) -> None:
+        """End every wait now; commands in progress go back to the queue unanswered."""
+        self.tracker.stop()
+        if self.peers is not None:
+            self.peers.stop()
+
     def on_peer_result(self, delivery: Delivery) -> None:
         """Inline on the bus I/O thread: another instance's WakeNode/ShutdownNode result."""
         if self.peers is not None and isinstance(delivery.message, CommandResult):
@@ -88,8 +94,11 @@ class PowerService:
         cmd = delivery.message
         if not isinstance(cmd, (WakeNode, ShutdownNode)):
             raise PermanentError(f"the power service handles WakeNode and ShutdownNode, not {cmd.KIND}")
-        if self._done_by_peer(cmd):
-            return
+        try:
+            if self._done_by_peer(cmd):
+                return
+        except Stopped:
+            raise TemporaryError("the power service is stopping") from None
         op, earlier, busy = self._register(cmd)
         if earlier is not None:
             self._replay(cmd, earlier)
@@ -107,6 +116,16 @@ class PowerService:
                                 cmd.command_id, peer.sender, peer.command_id)
             if result is None:
                 result = self._execute(cmd)
+        except Stopped:
+            # No verdict: forget the command so its redelivery (here after a restart, or on a peer) does it.
+            log.info("%s %s for %s: stopping before the outcome was known; it goes back to the queue",
+                     cmd.KIND, cmd.command_id, cmd.node)
+            with self._lock:
+                self._ops.pop(cmd.command_id, None)
+                if self._busy.get(cmd.node) is op:
+                    del self._busy[cmd.node]
+            op.done.set()
+            raise TemporaryError("the power service is stopping") from None
         except Exception as exc:  # a bug must still end in a result, not a silent requeue loop
             log.exception("%s %s for %s: unexpected error", cmd.KIND, cmd.command_id, cmd.node)
             result = self._result(cmd, "failed", f"internal error in the power service: {type(exc).__name__}: {exc}",
@@ -149,6 +168,8 @@ class PowerService:
             # delivery until the work ends so it is acked only then; the work itself publishes the result.
             log.info("%s %s for %s is already in progress; waiting for it", cmd.KIND, cmd.command_id, cmd.node)
             earlier.done.wait()
+            if earlier.result is None:
+                raise TemporaryError("the power service is stopping")
         else:
             log.info("%s %s for %s was already done (%s); republishing its result, doing nothing",
                      cmd.KIND, cmd.command_id, cmd.node, earlier.result.status if earlier.result else "?")

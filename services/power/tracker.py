@@ -20,6 +20,10 @@ from .checks import NodeStatus
 T = TypeVar("T")
 
 
+class Stopped(Exception):
+    """The service is stopping: a wait ends without a verdict (the command goes back to the queue)."""
+
+
 @dataclass
 class _Seen:
     telemetry: NodeTelemetry | None = None
@@ -38,6 +42,7 @@ class NodeTracker:
         self._cond = threading.Condition()
         self._nodes: dict[str, _Seen] = {}
         self._listening_since: float | None = None
+        self._stopped = False
 
     # -- feeding
 
@@ -121,11 +126,21 @@ class NodeTracker:
             seen = self._nodes.get(node)
             return seen.telemetry_at if seen else None
 
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
     def wait(self, check: Callable[[], T | None], timeout: float) -> T | None:
-        """Re-run `check` whenever something arrives until it returns a value or `timeout` passes."""
+        """Re-run `check` whenever something arrives until it returns a value or `timeout` passes.
+
+        Raises Stopped once stop() is called, so a stopping service does not sit out a long wake.
+        """
         deadline = self._clock() + max(0.0, timeout)
         with self._cond:
             while True:
+                if self._stopped:
+                    raise Stopped()
                 value = check()
                 if value:
                     return value
