@@ -105,7 +105,7 @@ def test_telemetry_arrives_decoded_with_the_inventory(broker: Broker, vhost: str
         # The measured load follows the traces (60x speed-up: they move slowly over 0.1 s).
         for d in last.domains:
             assert d.cpu_vcpu_pct == pytest.approx(cluster.vm_cpu_pct(d.name), abs=3), d.name
-        assert last.cpu_pct_latest == pytest.approx(sum(d.cpu_node_pct for d in last.domains), abs=0.1)
+        assert last.cpu_pct == pytest.approx(sum(d.cpu_node_pct for d in last.domains), abs=0.1)
 
         # Inventory is republished every period: a migration shows up on both sides.
         n1 = cluster.hypervisor("node-1")

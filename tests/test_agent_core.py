@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from enersis.agent.config import TelemetrySettings, load_agent_config, parse_agent_config
-from enersis.agent.cpu import Window, clamp_pct, compute_load
+from enersis.agent.cpu import DomainLoad, DomainWindows, Window, clamp_pct, compute_load
 from enersis.agent.hypervisor import DomainReading, HypervisorUnavailable, NodeFacts
 from enersis.agent.sampler import Sampler
 from enersis.agent.telemetry import Agent, Identity, online_message, telemetry_message
@@ -121,6 +121,23 @@ def test_window_mean_and_bound() -> None:
     assert w.mean(100.0) is None  # all too old
 
 
+def test_domain_windows_follow_the_inventory() -> None:
+    w = DomainWindows(3.0, max_samples=5)
+
+    def load(name: str, pct: float, measured: bool = True) -> DomainLoad:
+        return DomainLoad(reading(name, 0), pct / 4, pct, measured)
+
+    w.update(1.0, (load("a", 10), load("b", 50)))
+    out = w.update(2.0, (load("a", 30), load("b", 70), load("c", 0, measured=False)))
+    by = {d.reading.name: d for d in out}
+    assert by["a"].cpu_vcpu_pct == pytest.approx(20) and by["b"].cpu_node_pct == pytest.approx(15)
+    assert by["c"].cpu_vcpu_pct == 0 and not by["c"].measured  # nothing measured yet
+    out = w.update(3.0, (load("a", 50), load("c", 90)))  # b vanished: its window goes
+    assert {d.reading.name: d.cpu_vcpu_pct for d in out} == {"a": pytest.approx(30), "c": pytest.approx(90)}
+    assert set(w._w) == {"uuid-a", "uuid-c"}
+    assert w.update(10.0, (load("a", 0, measured=False),))[0].cpu_vcpu_pct == 0  # all samples too old
+
+
 # ---------------------------------------------------------------- sampler
 
 
@@ -140,7 +157,9 @@ def test_sampler_measures_every_interval_and_averages_over_the_window() -> None:
         st = s.sample_once()
         assert st.cpu_pct_latest == pytest.approx(pct)
     assert st.cpu_pct_mean == pytest.approx((20 + 30 + 40) / 3)  # window of 3 s
-    assert st.domains[0].cpu_vcpu_pct == pytest.approx(80)
+    # Domains are averaged over the same window: their shares add up to the node's mean.
+    assert st.domains[0].cpu_vcpu_pct == pytest.approx((40 + 60 + 80) / 3)
+    assert st.domains[0].cpu_node_pct == pytest.approx(st.cpu_pct_mean)
     assert st.samples == 5
     assert hv.calls.count("read_domains") == 5
 

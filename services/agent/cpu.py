@@ -6,7 +6,9 @@ The node's load is measured from the hypervisor, as the seed did on Xen
     node % = Σ over active domains of Δ cpu_time ÷ (Δt × host CPUs) × 100, clamped to 0–100
 
 Per domain: its share of the whole node, and of its own vCPUs (100 % = every
-vCPU busy).  A domain counts only when it appears in both readings with the
+vCPU busy).  Node and domains are averaged over the same window, so the
+domains' shares add up to the node's load and a VM's load is as steady as
+its node's (the arbiter compares the two).  A domain counts only when it appears in both readings with the
 same UUID and a cpu time that did not go backwards; otherwise (it just
 started, vanished, migrated away and back, restarted) it has no delta yet.
 """
@@ -96,3 +98,38 @@ class Window:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+
+class DomainWindows:
+    """Each domain's (node %, vCPU %) samples over the last `window_s`, by UUID.
+
+    Only domains present in the latest reading are kept, each bounded to
+    `max_samples`, so memory follows the node's inventory.
+    """
+
+    def __init__(self, window_s: float, max_samples: int):
+        self.window_s = window_s
+        self.max_samples = max(1, max_samples)
+        self._w: dict[str, deque[tuple[float, float, float]]] = {}
+
+    def clear(self) -> None:
+        self._w.clear()
+
+    def update(self, now: float, loads: tuple[DomainLoad, ...]) -> tuple[DomainLoad, ...]:
+        """Add the measured loads taken at `now`; return every load as its window mean."""
+        present = {d.reading.uuid for d in loads}
+        for gone in [u for u in self._w if u not in present]:
+            del self._w[gone]
+        out = []
+        for d in loads:
+            w = self._w.get(d.reading.uuid)
+            if d.measured:
+                if w is None:
+                    w = self._w[d.reading.uuid] = deque(maxlen=self.max_samples)
+                w.append((now, d.cpu_node_pct, d.cpu_vcpu_pct))
+            recent = [(n, v) for t, n, v in (w or ()) if now - self.window_s < t <= now]
+            if recent:
+                d = DomainLoad(d.reading, sum(n for n, _ in recent) / len(recent),
+                               sum(v for _, v in recent) / len(recent), d.measured)
+            out.append(d)
+        return tuple(out)

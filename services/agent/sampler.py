@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .cpu import DomainLoad, Window, compute_load
+from .cpu import DomainLoad, DomainWindows, Window, compute_load
 from .hypervisor import DomainReading, Hypervisor, HypervisorUnavailable, NodeFacts
 
 log = logging.getLogger("enersis.agent.sampler")
@@ -46,7 +46,7 @@ class NodeState:
     facts: NodeFacts | None  # None until the hypervisor answered once
     cpu_pct_latest: float
     cpu_pct_mean: float  # over the window (the latest when the window is empty)
-    domains: tuple[DomainLoad, ...]  # last known, even while unreachable
+    domains: tuple[DomainLoad, ...]  # percentages are window means; last known, even while unreachable
 
 
 class Sampler:
@@ -65,7 +65,9 @@ class Sampler:
         self.interval = sample_interval_s
         self.facts_interval = facts_interval_s
         self.clock = clock
-        self.window = Window(window_s, max_samples=int(math.ceil(window_s / sample_interval_s)) + 2)
+        bound = int(math.ceil(window_s / sample_interval_s)) + 2
+        self.window = Window(window_s, max_samples=bound)
+        self.domain_windows = DomainWindows(window_s, max_samples=bound)
         self._prev: dict[str, DomainReading] = {}
         self._prev_t: float | None = None
         self._facts: NodeFacts | None = None
@@ -120,6 +122,7 @@ class Sampler:
         if dt is not None and dt <= 0:
             log.warning("clock went backwards by %.3fs: restarting the measurement", -dt)
             self.window.clear()
+            self.domain_windows.clear()
             dt = None
         elif dt is not None and dt > MAX_GAP_INTERVALS * self.interval:
             log.warning("%.1fs since the last sample (interval %.1fs): restarting the measurement", dt, self.interval)
@@ -138,7 +141,8 @@ class Sampler:
             latest = sample.node_pct if dt is not None else 0.0
         mean = self.window.mean(now)
         return NodeState(now, self._samples, True, "", self._facts, latest,
-                         latest if mean is None else mean, _carry_over(sample.domains, last))
+                         latest if mean is None else mean,
+                         _carry_over(self.domain_windows.update(now, sample.domains), last))
 
     # -- the schedule
 
