@@ -61,7 +61,7 @@ class TickClock:
         self.t = 0.0
 
     def __call__(self) -> float:
-        self.t += 0.5  # facts read and sample each call it; two calls per sample
+        self.t += 1.0  # the sampler reads the clock once per sample
         return self.t
 
 
