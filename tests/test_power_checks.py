@@ -205,3 +205,25 @@ def test_wake_repeats_packets_and_fails_only_when_none_left():
     with pytest.raises(SwitchError, match="Cannot assign requested address") as err:
         WolSshSwitch(repeats=2, gap_s=0, send=refuse, sleep=lambda s: None).wake(node)
     assert err.value.retryable and not err.value.ran
+
+
+def test_a_peer_that_went_silent_after_accepting_stops_counting_as_busy():
+    from enersis.common.messages import CommandResult
+    from enersis.power.peers import PeerLedger
+
+    now = [0.0]
+    ledger = PeerLedger("me", max_age_s=60.0, clock=lambda: now[0])
+    accepted = CommandResult(command_id="c1", command_kind="WakeNode", status="accepted", node="n1")
+    ledger.observe(accepted, "me")
+    assert ledger.get("c1") is None, "our own results are not a peer's"
+    ledger.observe(accepted, "peer")
+    assert ledger.busy("n1").command_id == "c1"
+    joined = CommandResult(command_id="c2", command_kind="WakeNode", status="accepted", node="n2",
+                           details={"joined": "c0"})
+    ledger.observe(joined, "peer")
+    assert ledger.busy("n2") is None, "a joiner does no work of its own"
+    assert ledger.wait_final(ledger.get("c1"), 0.01) is None
+    now[0] = 61.0
+    assert ledger.busy("n1") is None
+    ledger.observe(CommandResult(command_id="c1", command_kind="WakeNode", status="succeeded", node="n1"), "peer")
+    assert ledger.wait_final(ledger.get("c1"), 0.01).status == "succeeded"

@@ -55,6 +55,7 @@ class PowerApp:
         self.peers = PeerLedger(sender)
         self.service = PowerService(nodes=config.nodes, settings=s, switch=self.switch, tracker=self.tracker,
                                     publish=self.publisher.publish, peers=self.peers)
+        self.peers.max_age_s = max(self.service.budget(k) for k in COMMAND_KINDS)
         # Commands wait for evidence for minutes: one worker (and one unacked message) per command in flight.
         self.consumer = Consumer(settings, self.publisher, prefetch=s.max_parallel, workers=s.max_parallel, name=name)
         self.consumer.subscribe(self._declare_telemetry_queue, self.service.on_telemetry, inline=True)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from enersis.common.messages import CommandResult
 
@@ -31,11 +32,16 @@ class PeerOp:
     node: str
     sender: str
     result: CommandResult | None = None  # the peer's final result, once seen
+    accepted_at: float = 0.0  # monotonic
 
 
 class PeerLedger:
-    def __init__(self, me: str, size: int = 10_000):
+    def __init__(self, me: str, *, max_age_s: float = 3600.0, size: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
         self.me = me
+        self._clock = clock
+        # A peer that died after `accepted` never sends a final: past this age its work no longer counts.
+        self.max_age_s = max_age_s
         self._size = size
         self._cond = threading.Condition()
         self._ops: OrderedDict[str, PeerOp] = OrderedDict()
@@ -65,6 +71,7 @@ class PeerLedger:
             elif op.result is None and "joined" not in result.details and result.status == "accepted":
                 # Only an instance doing the work counts as busy: one that joined waits on it, and
                 # waiting on a waiter could go round in a circle.
+                op.accepted_at = self._clock()
                 self._busy[op.node] = op
             self._cond.notify_all()
 
@@ -74,7 +81,11 @@ class PeerLedger:
 
     def busy(self, node: str) -> PeerOp | None:
         with self._cond:
-            return self._busy.get(node)
+            op = self._busy.get(node)
+            if op is not None and self._clock() - op.accepted_at > self.max_age_s:
+                del self._busy[node]
+                return None
+            return op
 
     def wait_final(self, op: PeerOp, timeout: float) -> CommandResult | None:
         deadline = time.monotonic() + timeout

@@ -110,7 +110,7 @@ class PowerService:
                                               lambda: busy.done.wait() and busy.result)
             elif self.peers is not None and (peer := self.peers.busy(cmd.node)) is not None:
                 result = self._join_or_refuse(cmd, peer.kind, peer.command_id, f" on {peer.sender}",
-                                              lambda: self.peers.wait_final(peer, self._budget(peer.kind)))
+                                              lambda: self.peers.wait_final(peer, self.budget(peer.kind)))
                 if result is None:
                     log.warning("%s %s: %s gave no result for %s in time; doing it here", cmd.KIND,
                                 cmd.command_id, peer.sender, peer.command_id)
@@ -191,7 +191,7 @@ class PowerService:
         if peer.result is None:
             log.info("%s %s for %s is in progress on %s; waiting for its result", cmd.KIND, cmd.command_id,
                      cmd.node, peer.sender)
-            answer = self.peers.wait_final(peer, self._budget(cmd.KIND))  # type: ignore[union-attr]
+            answer = self.peers.wait_final(peer, self.budget(cmd.KIND))  # type: ignore[union-attr]
             if answer is None:
                 log.warning("%s %s: %s gave no result in time; doing it here", cmd.KIND, cmd.command_id, peer.sender)
                 return False
@@ -205,7 +205,7 @@ class PowerService:
             raise TemporaryError(f"could not republish the result of {cmd.KIND} {cmd.command_id}: {exc}") from exc
         return True
 
-    def _budget(self, kind: str) -> float:
+    def budget(self, kind: str) -> float:
         """How long another operation of `kind` may take, at most, before we stop waiting for it."""
         s = self.settings
         wait = s.wake_timeout_s if kind == WakeNode.KIND else s.shutdown_timeout_s + s.stale_after_s
