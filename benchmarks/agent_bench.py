@@ -13,7 +13,9 @@ so other processes on the machine do not inflate it.  Three hypervisors:
   (listAllDomains + info per domain; an in-process driver, so no RPC);
 - the simulated hypervisor with 100 VMs: adds its locked JSON state file.
 A real QEMU host answers getAllDomainStats in one RPC; not measured here (100
-guests do not fit this machine).
+guests do not fit this machine).  Then the whole `enersis agent` process on the
+private broker (ENERSIS_BROKER_DIR) with 100 simulated VMs, measured from
+/proc: sampling, publishing, heartbeats, with and without the executor.
 """
 
 from __future__ import annotations
@@ -122,6 +124,56 @@ def simulated_hypervisor(n: int):
     return c.hypervisor("node-1")
 
 
+def whole_process(n: int, seconds: float, executor: bool) -> None:
+    """`enersis agent` as a process (sampling, publishing, heartbeats, executor) on the private broker."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from enersis.agent.simulated import SimulatedCluster
+
+    repo = Path(__file__).resolve().parents[1]
+    bdir = Path(os.environ.get("ENERSIS_BROKER_DIR", repo / ".broker"))
+    try:
+        info = json.loads((bdir / "broker.json").read_text())
+    except OSError:
+        print(f"  enersis agent process: not measured (no private broker in {bdir}; `make broker-start`)")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="agent-bench-proc-"))
+    tr = tmp / "flat"
+    tr.write_text("30\n" * 288)
+    SimulatedCluster.create(tmp / "cluster", nodes=1, vms=n, traces=[str(tr)], speedup=60,
+                            cpus=32, mem_mib=256 * 1024, vm_mem_mib=1024)
+    (tmp / "pw").write_text(info["passwords"]["agent"] + "\n")
+    (tmp / "node.toml").write_text(
+        f'node = "node-1"\n[broker]\nurl = "amqp://127.0.0.1:{info["amqp_port"]}/enersis"\nuser = "agent"\n'
+        f'password_file = "{tmp / "pw"}"\n[hypervisor]\nuri = "sim://{tmp / "cluster"}"\n'
+        f'[executor]\nenabled = {"true" if executor else "false"}\nstate_dir = "{tmp / "executor"}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "ENERSIS_AMQP_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "enersis.cli", "--log-level", "WARNING", "agent",
+                             "--config", str(tmp / "node.toml")], env=env)
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    try:
+        time.sleep(3.0)  # start-up (imports, connections) is not steady state
+        c0, t0 = cpu_s(), time.monotonic()
+        time.sleep(seconds)
+        used, wall = cpu_s() - c0, time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    pct = used / wall * 100
+    label = f"enersis agent process, {n} VMs{', with executor' if executor else ''}"
+    flag = "OK" if pct < TARGET_CPU_PCT else "ABOVE TARGET"
+    print(f"  {label:42} {used:6.2f} s CPU in {wall:4.0f} s -> {pct:5.2f} % of one core (1 s sampling, "
+          f"5 s publishing)  [{flag}]")
+
+
 def message_size(n: int, name_fmt: str) -> int:
     hv = MemoryHypervisor(n, name_fmt)
     s = Sampler(hv, sample_interval_s=1.0, window_s=10.0, clock=TickClock())
@@ -136,6 +188,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--uri", default="", help="also measure a real libvirt URI with whatever domains it runs "
                     "(e.g. a lab node: qemu+unix:///system?socket=...); the agent's CPU only, not libvirtd's")
+    ap.add_argument("--process-s", type=float, default=20.0,
+                    help="also run `enersis agent` for this many seconds on the private broker (0: skip)")
     args = ap.parse_args()
 
     print(f"Agent CPU per sample, 100 domains (target < {TARGET_CPU_PCT:g} % of one core at 1 s sampling):")
@@ -145,6 +199,9 @@ def main() -> int:
     except Exception as exc:  # libvirt missing on this machine: say so, keep the other figures
         print(f"  libvirt test:/// driver: not measured ({type(exc).__name__}: {exc})")
     report_cpu("simulated hypervisor, 100 VMs", simulated_hypervisor(100), max(50, args.samples // 3))
+    if args.process_s > 0:
+        whole_process(100, args.process_s, executor=False)
+        whole_process(100, args.process_s, executor=True)
     if args.uri:
         from enersis.agent.libvirt_hv import LibvirtHypervisor
 
