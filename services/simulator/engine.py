@@ -189,6 +189,7 @@ class Simulation:
         self.h_pstate = np.where(np.array([bool(l) for l in self.h_vms]), ON, OFF).astype(np.int8)
         self.h_wake_after_off = np.zeros(H, dtype=bool)
         self.boot_times: dict[int, list[float]] = {}
+        self.migration_log: list[tuple[float, int, int, int]] = []  # (start, vm, source, target)
         self.events: list = []
         self.seq = 0
         self.step_util = np.zeros((V, LAST_STEP + 1))  # u at each scheduling event, for VM histories
@@ -429,6 +430,7 @@ class Simulation:
             self.rejected += 1  # a real VM moves once at a time
             return False
         m = _Migration(v, h, t)
+        self.migration_log.append((t, v, int(self.v_host[v]), h))
         self.mig_in.append(m)
         self.v_out[v] = True
         self.migrations += 1

@@ -1,0 +1,174 @@
+"""Simulator: power model, statistics, and energy/SLA metrics on tiny hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enersis.simulator.cloudsim import (CLOUDSIM_POLICIES, InterQuartileRange, LocalRegression, NoMigrationPolicy,
+                                        StaticThreshold, iqr, lr_weights, mad)
+from enersis.simulator.engine import OFF, ON, RealisticParams, Simulation
+from enersis.simulator.power import ML110_G4, ML110_G5, power_at, power_table
+from enersis.simulator.traces import SAMPLES
+
+D_MIG = 870 / 62.5  # RAM / (1 Gbit/s / 2) in MB/s: CloudSim's migration time for an 870 MB VM
+T1 = 300.1  # CloudSim's first scheduling event
+T_END = 86100.1  # its last
+
+
+def g5(u: float) -> float:
+    return float(power_at(power_table([ML110_G5]), np.array([u]))[0])
+
+
+def constant(*pcts: float) -> np.ndarray:
+    return np.array([[p / 100.0] * (SAMPLES + 1) for p in pcts])
+
+
+# ---------------------------------------------------------------- power model
+
+
+def test_spec_power_tables_at_the_measured_points_and_between():
+    tab = power_table([ML110_G4, ML110_G5])
+    assert power_at(tab, np.array([0.0, 0.0])).tolist() == [86.0, 93.7]
+    assert power_at(tab, np.array([1.0, 1.0])).tolist() == [117.0, 135.0]
+    # halfway between 50 % (102 / 116 W) and 60 % (106 / 121 W)
+    assert power_at(tab, np.array([0.55, 0.55])) == pytest.approx([104.0, 118.5])
+    # 5 % on a G4: 86 + (89.4 - 86) / 2
+    assert power_at(tab[:1], np.array([0.05]))[0] == pytest.approx(87.7)
+    # values beyond 100 % are clamped, never extrapolated
+    assert power_at(tab, np.array([1.2, 1.5])).tolist() == [117.0, 135.0]
+
+
+# ---------------------------------------------------------------- CloudSim's statistics
+
+
+def test_iqr_uses_cloudsims_quartile_positions():
+    # n = 12: q1 = round(3.25) - 1 = 2, q3 = round(9.75) - 1 = 9 (0-based, sorted)
+    data = [float(x) for x in range(12, 0, -1)]  # 12..1
+    assert iqr(data) == 10.0 - 3.0
+
+
+def test_mad_is_the_median_of_absolute_deviations():
+    assert mad([1.0, 1.0, 2.0, 2.0, 4.0, 6.0, 9.0]) == 1.0  # median 2; deviations 1 1 0 0 2 4 7 -> 1
+
+
+def test_local_regression_is_ols_over_ten_points_predicting_one_step_ahead():
+    y = np.array([0.05 * (i + 1) for i in range(10)])  # oldest first, exactly linear
+    assert float(lr_weights(11.0) @ y) == pytest.approx(0.55)
+    d = LocalRegression(1.2)
+    hist = np.zeros(30)
+    hist[:10] = y[::-1] * 1000.0  # MIPS-weighted, newest first, host of 1000 MIPS
+    assert bool(d.over_one(0.0, 1000.0, hist)) is False  # 0.55 * 1.2 < 1
+    hist[:10] = np.linspace(0.9, 0.45, 10) * 1000.0  # rising to 0.9 now: predicted 0.95, * 1.2 >= 1
+    assert bool(d.over_one(0.0, 1000.0, hist)) is True
+
+
+def test_adaptive_detectors_fall_back_to_0_7_without_12_values():
+    d = InterQuartileRange(1.5)
+    short = np.zeros(30)
+    short[:5] = 700.0  # 5 values of history on a 1000 MIPS host
+    assert d.over_one(710.0, 1000.0, short) is True
+    assert d.over_one(690.0, 1000.0, short) is False
+    assert StaticThreshold(0.8).over_one(800.0, 1000.0, short) is False  # "> 0.8", not ">="
+
+
+# ---------------------------------------------------------------- energy and SLA, by hand
+
+
+def test_dvfs_one_host_constant_load_energy_by_hand():
+    # One G5 host, one 1000-MIPS VM at a constant 50 %: 500 / 5320 MIPS all day.
+    sim = Simulation(constant(50), [ML110_G5], NoMigrationPolicy("dvfs"), vm_mips=np.array([1000.0]),
+                     vm_ram=np.array([870.0]))
+    r = sim.run()
+    assert r.energy_kwh == pytest.approx(g5(500 / 5320) * (T_END - T1) / 3.6e6, rel=1e-6)
+    assert (r.migrations, r.slatah, r.pdm, r.host_shutdowns) == (0, 0.0, 0.0, 0)
+
+
+def test_npa_counts_every_host_at_peak_power():
+    sim = Simulation(constant(10), [ML110_G4, ML110_G5], NoMigrationPolicy("npa"), vm_mips=np.array([500.0]),
+                     vm_ram=np.array([613.0]))
+    r = sim.run()
+    assert r.energy_kwh == pytest.approx((117 + 135) * T_END / 3.6e6, rel=1e-6)
+
+
+def test_idle_host_at_the_start_of_an_interval_draws_nothing_in_cloudsim():
+    # Two VMs on one host (first fit) that never use any CPU: the host is "off" all day.
+    sim = Simulation(constant(0, 0), [ML110_G5], NoMigrationPolicy("dvfs"), vm_mips=np.array([500.0, 500.0]),
+                     vm_ram=np.array([613.0, 613.0]))
+    r = sim.run()
+    assert r.energy_kwh == 0.0
+    assert r.host_shutdowns == 1  # CloudSim counts a host inactive at its first entry as a shutdown
+
+
+def _two_host_consolidation(model: str) -> tuple[Simulation, object]:
+    # Two G5 hosts, VMs of 1000 MIPS at 50 % and 20 %.  Creation spreads them
+    # (an empty host's power grows least), so at 300.1 s the least utilised
+    # host (200 MIPS) is evacuated onto the other: exactly one migration.
+    sim = Simulation(constant(50, 20), [ML110_G5, ML110_G5], CLOUDSIM_POLICIES["thr-mmt-0.8"](), model=model,
+                     vm_mips=np.array([1000.0, 1000.0]), vm_ram=np.array([870.0, 870.0]))
+    return sim, sim.run()
+
+
+def test_one_consolidation_energy_slatah_pdm_by_hand():
+    sim, r = _two_host_consolidation("cloudsim")
+    assert sim.migration_log == [(pytest.approx(T1), 1, 1, 0)]
+    assert r.migrations == 1
+    end = T1 + D_MIG
+    # During the migration the target carries 10 % of the VM, the source all of it;
+    # after it the source is idle (0 W) and the target carries both.
+    expected_j = D_MIG * (g5(520 / 5320) + g5(200 / 5320)) + (T_END - end) * g5(700 / 5320)
+    assert r.energy_kwh == pytest.approx(expected_j / 3.6e6, rel=1e-6)
+    # SLATAH: the target is short (520 < 700 MIPS requested) while the VM moves in.
+    active = (T_END - T1) + D_MIG
+    assert r.slatah == pytest.approx(D_MIG / active, rel=1e-6)
+    # PDM: the moving VM got 90 % of its 200 MIPS for the migration's duration.
+    assert r.pdm == pytest.approx(0.1 * 200 * D_MIG / (700 * (T_END - T1)), rel=1e-6)
+    assert r.slav == pytest.approx(r.slatah * r.pdm)
+    assert r.esv == pytest.approx(r.energy_kwh * r.slav)
+    assert r.host_shutdowns == 1
+
+
+def test_realistic_model_pays_shutdown_and_off_power():
+    rp = RealisticParams()
+    sim, r = _two_host_consolidation("realistic")
+    assert r.migrations == 1 and r.host_shutdowns == 1 and r.boots == 0
+    end = T1 + D_MIG
+    host0 = D_MIG * g5(520 / 5320) + (T_END - end) * g5(700 / 5320)
+    host1 = D_MIG * g5(200 / 5320) + rp.shutdown_s * 93.7 + (T_END - end - rp.shutdown_s) * rp.off_w
+    assert r.energy_kwh == pytest.approx((host0 + host1) / 3.6e6, rel=1e-6)
+    assert sim.h_pstate.tolist() == [ON, OFF]
+
+
+class _MoveOnceTo:
+    """A hand-written policy: at the first interval, move VM 0 to host 1 (which is off)."""
+
+    name = "move-once"
+    migrations = True
+
+    def __init__(self):
+        self.done = False
+
+    def initial_placement(self, c):
+        return np.zeros(c.vm_mips.shape[0], dtype=np.int64)
+
+    def step(self, sim, st, t):
+        if not self.done:
+            self.done = True
+            sim.migrate(0, 1, t)
+
+
+def test_realistic_wakes_waits_for_boot_then_migrates():
+    rp = RealisticParams(boot_s=120.0)
+    sim = Simulation(constant(30, 30), [ML110_G5, ML110_G5], _MoveOnceTo(), model="realistic", realistic=rp,
+                     vm_mips=np.array([1000.0, 1000.0]), vm_ram=np.array([870.0, 870.0]))
+    r = sim.run()
+    assert r.boots == 1
+    assert sim.migration_log == [(pytest.approx(T1 + 120.0), 0, 0, 1)]  # not before the host has booted
+    assert sorted(sim.v_host.tolist()) == [0, 1]
+
+
+def test_cloudsim_model_uses_an_off_host_at_once():
+    sim = Simulation(constant(30, 30), [ML110_G5, ML110_G5], _MoveOnceTo(), model="cloudsim",
+                     vm_mips=np.array([1000.0, 1000.0]), vm_ram=np.array([870.0, 870.0]))
+    sim.run()
+    assert sim.migration_log == [(pytest.approx(T1), 0, 0, 1)]
