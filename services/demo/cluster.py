@@ -56,9 +56,9 @@ class DemoSettings:
     publish_interval_s: float = 2.0
     window_s: float = 4.0
     cycle_s: float = 4.0
-    policy: str = "enersis-2012"
+    policy: str = "enersis-hysteresis"
     upper_pct: float = 80.0
-    lower_pct: float = 20.0
+    lower_pct: float = 30.0
     port_base: int = 47100  # WoL on port_base+i, sshd on port_base+500+i (127.0.0.1)
     run_dir: str = ""
     vhost: str = "enersis"

@@ -19,6 +19,7 @@ it started.  No packet leaves the machine.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -27,8 +28,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pika
 
@@ -68,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--port-base", type=int, default=d.port_base,
       help=f"stand-in NICs listen on 127.0.0.1:BASE+i (UDP), sshds on BASE+500+i (default {d.port_base})")
     a("--run-dir", default="", help="folder for configs, logs, keys and the cluster (default /var/lib/enersis-demo/run-<time>)")
-    a("--vhost", default=d.vhost, help="broker vhost (default enersis; it must hold the topology)")
+    a("--vhost", default=d.vhost, help="broker vhost (default enersis; created with the topology if missing)")
     a("--broker-dir", default="", help="private broker's state folder (default $ENERSIS_BROKER_DIR or <repo>/.broker)")
     a("--live", choices=("auto", "screen", "lines", "off"), default="auto",
       help="screen: redraw the terminal; lines: a status line every 10s (default: screen on a terminal)")
@@ -150,7 +154,7 @@ class Demo:
             layout.write()
             self.sup = Supervisor(layout.logs, env=child_env())
             self.say(f"run folder {layout.run} (configs, logs); broker {info.url(self.s.vhost)}")
-            self.purge(info)
+            self.prepare_vhost(info)
             watcher = BusWatcher(self.operator_settings(info), connect_timeout_s=30).open()
             self.start_cluster(layout)
             monitor = Monitor(watcher, tuple(self.s.node_names()), self.s.vm_count, self.s.speedup, self.s.duration_s,
@@ -164,9 +168,11 @@ class Demo:
                 rec.power, rec.power_ts_ms = "off", now_ms()
             self.wait_for_nodes(monitor)
             monitor.restart_clock()  # the run (and its energy account) starts when the cluster is live
-            if not self.stop.is_set() and self.with_arbiter:
-                self.sup.start("arbiter", layout.enersis() + ["arbiter", "--config", str(layout.run / "arbiter.toml")])
-                self.say("arbiter started; the cluster is live")
+            if not self.stop.is_set():
+                if self.with_arbiter:
+                    self.sup.start("arbiter", layout.enersis() + ["arbiter", "--config", str(layout.run / "arbiter.toml")])
+                self.say(f"{'arbiter started' if self.with_arbiter else 'no arbiter'}; the cluster is live "
+                         f"(operator tools: --config {layout.run / 'operator.toml'})")
             while not self.stop.is_set() and monitor.elapsed() < self.s.duration_s:
                 monitor.poll(0.25)
                 died = [c for c in self.sup.exited() if not c.name.startswith("ssh-")]
@@ -231,8 +237,28 @@ class Demo:
         return BrokerSettings(host="127.0.0.1", port=info.amqp_port, vhost=self.s.vhost, user="operator",
                               password=info.passwords["operator"], heartbeat_s=10, connection_name="enersis-demo")
 
-    def purge(self, info: BrokerInfo) -> None:
-        """Empty the durable queues a previous run may have left commands or telemetry in."""
+    def prepare_vhost(self, info: BrokerInfo) -> None:
+        """Grant the roles their current permissions and empty what a previous run left behind.
+
+        A broker started from older definitions keeps older permissions until it restarts;
+        the demo brings them up to date (as the administrator, through the management API).
+        """
+        vq = quote(self.s.vhost, safe="")
+        try:
+            mgmt_api(info, "GET", f"vhosts/{vq}")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise DemoError(f"management API at port {info.mgmt_port}: {exc}") from None
+            mgmt_api(info, "PUT", f"vhosts/{vq}", {})
+            self.say(f"created vhost {self.s.vhost!r}")
+        except (urllib.error.URLError, OSError) as exc:
+            raise DemoError(f"management API at port {info.mgmt_port} unreachable: {exc}") from None
+        for user, role in topology.ROLES.items():
+            body = {"configure": role["configure"], "write": role["write"], "read": role["read"]}
+            try:
+                mgmt_api(info, "PUT", f"permissions/{quote(self.s.vhost, safe='')}/{user}", body)
+            except (urllib.error.URLError, OSError) as exc:
+                raise DemoError(f"management API at port {info.mgmt_port} refused the permissions of {user}: {exc}") from None
         admin = BrokerSettings(host="127.0.0.1", port=info.amqp_port, vhost=self.s.vhost, user="admin",
                                password=info.passwords["admin"], heartbeat_s=10, connection_name="enersis-demo-setup")
         try:
@@ -240,6 +266,7 @@ class Demo:
         except pika.exceptions.AMQPError as exc:
             raise DemoError(f"cannot reach the broker as admin on vhost {self.s.vhost!r}: {type(exc).__name__}") from None
         try:
+            topology.declare(conn.channel())  # idempotent; a new vhost gets the whole topology
             names = [q.name for q in topology.QUEUES] + [topology.migrate_queue(n) for n in self.s.node_names()]
             for name in names:
                 ch = conn.channel()
@@ -318,6 +345,17 @@ class Demo:
             "powered": {n: nd["powered"] for n, nd in sorted(st["nodes"].items())},
             "power_events": [h["event"] for h in st.get("history", []) if h["event"] in ("powered-on", "powered-off")],
         }
+
+
+def mgmt_api(info: BrokerInfo, method: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{info.mgmt_port}/api/{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    token = base64.b64encode(f"admin:{info.passwords['admin']}".encode()).decode()
+    req.add_header("Authorization", f"Basic {token}")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
 
 
 def child_env() -> dict[str, str]:
