@@ -188,9 +188,14 @@ def test_unreachable_hypervisor_is_reported_and_keeps_the_last_inventory() -> No
     s = make_sampler(hv, clock)
     s.sample_once()
     clock.t += 1
+    hv.burn("a", 0.5)
+    assert s.sample_once().cpu_pct_latest == pytest.approx(12.5)
+    clock.t += 1
     hv.down = "connection reset by peer"
     st = s.sample_once()
     assert not st.hypervisor_ok and "connection reset" in st.error
+    # Last known load, not 0 %: an unreachable node must not look idle.
+    assert st.cpu_pct_latest == pytest.approx(12.5) and st.cpu_pct_mean == pytest.approx(12.5)
     assert [d.reading.name for d in st.domains] == ["a"]  # an unreachable node never looks empty
     msg = telemetry_message(Identity("node-1", "b", "v", 1, 5, 10), st, 1)
     assert msg.hypervisor_ok is False and msg.error and len(msg.domains) == 1
@@ -410,7 +415,9 @@ def test_publish_loop_cadence_outage_retries_and_no_burst_after_a_stall() -> Non
     hv, clock = FakeHypervisor(), FakeClock()
     hv.add("a")
     s = make_sampler(hv, clock)
-    s.sample_once()
+    assert not s.sample_once().measured  # one reading is no measurement yet
+    clock.t += 1
+    assert s.sample_once().measured
     bus = RecordingBus()
     agent = Agent(Identity("node-1", "boot", "v", 1.0, 5.0, 3.0), s, bus, clock=clock)
     waits: list[float] = []

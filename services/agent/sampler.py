@@ -47,6 +47,7 @@ class NodeState:
     cpu_pct_latest: float
     cpu_pct_mean: float  # over the window (the latest when the window is empty)
     domains: tuple[DomainLoad, ...]  # percentages are window means; last known, even while unreachable
+    measured: bool = True  # False until the window holds one real measurement (right after start)
 
 
 class Sampler:
@@ -108,9 +109,12 @@ class Sampler:
         self._samples += 1
         self._prev, self._prev_t = {}, None  # deltas across an outage are meaningless
         self._facts_t = None  # re-read facts once it answers
-        known = last.domains if last else ()
-        return NodeState(now, self._samples, False, error, self._facts, 0.0,
-                         self.window.mean(now) or 0.0, known)
+        # Last known values throughout: an unreachable node must not look idle either.
+        mean = self.window.mean(now)
+        return NodeState(now, self._samples, False, error, self._facts,
+                         last.cpu_pct_latest if last else 0.0,
+                         mean if mean is not None else (last.cpu_pct_mean if last else 0.0),
+                         last.domains if last else (), last.measured if last else False)
 
     def _measured(self, now: float, readings: list[DomainReading], last: NodeState | None) -> NodeState:
         if self._was_ok is False:
@@ -140,9 +144,12 @@ class Sampler:
         else:
             latest = sample.node_pct if dt is not None else 0.0
         mean = self.window.mean(now)
+        if mean is None and last is not None:
+            mean = last.cpu_pct_mean
         return NodeState(now, self._samples, True, "", self._facts, latest,
                          latest if mean is None else mean,
-                         _carry_over(self.domain_windows.update(now, sample.domains), last))
+                         _carry_over(self.domain_windows.update(now, sample.domains), last),
+                         measured=dt is not None or (last is not None and last.measured))
 
     # -- the schedule
 

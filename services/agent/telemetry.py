@@ -126,10 +126,15 @@ class Agent:
         # While the broker is down, retry often with the newest state (not the
         # one that failed), so the first message after an outage is current.
         retry = min(1.0, period)
-        # The first telemetry goes out right after the first sample, so a
-        # freshly booted node is visible at once rather than one period later.
+        # The first telemetry goes out right after the first measurement (two
+        # readings), so a freshly booted node is visible at once rather than one
+        # period later, and never with a made-up 0 % load.
+        def first_ready() -> bool:
+            st = self.sampler.latest()
+            return stop.is_set() or (st is not None and (st.measured or not st.hypervisor_ok))
+
         with self.sampler.sampled:
-            self.sampler.sampled.wait_for(lambda: self.sampler.latest() is not None or stop.is_set(), timeout=period)
+            self.sampler.sampled.wait_for(first_ready, timeout=max(period, 3 * self.ident.sample_interval_s))
         next_t = self.clock()
         while not stop.is_set():
             state = self.sampler.latest()
