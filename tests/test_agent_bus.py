@@ -237,3 +237,19 @@ def test_broker_down_keeps_sampling_and_sends_the_latest_state_when_back(outage_
     finally:
         halt()
         inbox.stop()
+
+
+def test_wrong_credentials_are_reported_not_crashed(broker: Broker, vhost: str, cluster: SimulatedCluster,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    hv = cluster.hypervisor("node-1")
+    sampler = Sampler(hv, sample_interval_s=0.1, window_s=0.5)
+    sampler.sample_once()
+    pub = Publisher(broker.settings("agent", vhost).with_(password="not-the-password"), "agent.node-1")
+    agent = Agent(Identity("node-1", "b", "test", 0.1, 0.3, 0.5), sampler, pub)
+    try:
+        assert agent.publish_once(sampler.sample_once(), budget_s=2) is False
+        assert agent.publish_once(sampler.sample_once(), budget_s=2) is False
+    finally:
+        pub.close()
+    errors = [r for r in caplog.records if r.name == "enersis.agent.telemetry" and r.levelname == "ERROR"]
+    assert len(errors) == 1 and "check [broker] user, password and permissions" in errors[0].getMessage()

@@ -170,7 +170,7 @@ class Agent:
                     log.warning("broker unreachable, telemetry dropped (sampling goes on; the latest state "
                                 "is sent when it is back): %s", exc)
                 else:
-                    log.error("broker refused telemetry (%s: %s); check the agent user's permissions",
+                    log.error("broker refused telemetry (%s: %s); check [broker] user, password and permissions",
                               type(exc).__name__, exc)
             self._broker_ok = False
             return False
