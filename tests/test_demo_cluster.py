@@ -42,7 +42,7 @@ SPEEDUP = 60.0
 def readme_ui_json() -> tuple[str, dict]:
     """The routing key and JSON the README tells an operator to paste into "Publish message"."""
     text = README.read_text()
-    m = re.search(r"<!-- ui-migrate -->.*?routing key[^`]*`([^`]+)`.*?```json\n(.*?)\n```", text, re.S)
+    m = re.search(r"<!-- ui-migrate -->.*?routing key[^`]*`([^`]+)`.*?```json\n(.*?)\n```", text, re.S | re.I)
     assert m, "README.md lost its management-UI migrate example (marker <!-- ui-migrate -->)"
     return m.group(1), json.loads(m.group(2))
 
