@@ -230,23 +230,29 @@ def test_duplicate_wake_does_the_work_once_and_a_replay_republishes_the_result(h
     assert h.switch.wakes == ["n1"], "one packet burst for one command"
 
 
-def test_a_second_wake_for_a_waking_node_joins_and_an_opposite_command_is_refused(h):
+def test_a_second_wake_joins_and_an_opposite_command_waits_its_turn(h, caplog):
     release = threading.Event()
     h.switch.on_wake = lambda node: threading.Thread(target=lambda: (release.wait(10), h.agent.publish(
         NodeOnline(node=node, boot_id="b4", hypervisor_ok=True, hypervisor_type="test", domain_count=0)))).start()
+    h.switch.on_shutdown = lambda node: h.agent.publish(NodeOffline(node=node, boot_id="b4", reason="SIGTERM"))
     c1, c2, c3 = cid(), cid(), cid()
     h.arbiter.publish(WakeNode(command_id=c1, node="n1"))
     wait_for(lambda: "accepted" in h.watcher.statuses(c1), 10, what="first wake accepted")
     h.arbiter.publish(WakeNode(command_id=c2, node="n1"))
     h.arbiter.publish(ShutdownNode(command_id=c3, node="n1", issued_by="arbiter"))
-    refused = h.watcher.final(c3)
-    assert refused.status == "rejected" and refused.retryable and c1 in refused.reason
     wait_for(lambda: "accepted" in h.watcher.statuses(c2), 10, what="second wake joined")
+    wait_for(lambda: any(f"{c3}: n1 is waking (command {c1}); waiting" in r.getMessage() for r in caplog.records),
+             10, what="the shutdown queued behind the wake")
+    assert h.watcher.of(c3) == [] and h.switch.shutdowns == []
     release.set()
     r1, r2 = h.watcher.final(c1), h.watcher.final(c2)
     assert r1.status == r2.status == "succeeded"
     assert r2.details["joined"] == c1
-    assert h.switch.wakes == ["n1"] and h.switch.shutdowns == []
+    # Its turn: judged afresh on the woken node's telemetry (empty), so it goes ahead.
+    h.node_says(telemetry("n1"))
+    r3 = h.watcher.final(c3)
+    assert r3.status == "succeeded", r3
+    assert h.switch.wakes == ["n1"] and h.switch.shutdowns == ["n1"]
 
 
 def test_unknown_node_is_rejected_with_the_fix(h):
@@ -418,7 +424,7 @@ def test_malformed_commands_are_dead_lettered_with_a_reason(h):
 # ---------------------------------------------------------------- several instances on one queue
 
 
-def test_instances_sharing_the_queue_do_a_duplicate_once_and_refuse_the_opposite(broker, vhost, caplog):
+def test_instances_sharing_the_queue_do_a_duplicate_once_and_queue_the_opposite(broker, vhost, caplog):
     # One command in flight each (prefetch 1), so the next delivery goes to the other instance.
     h = Harness(broker, vhost, max_parallel=1)
     other_switch = FakeSwitch()
@@ -430,6 +436,8 @@ def test_instances_sharing_the_queue_do_a_duplicate_once_and_refuse_the_opposite
             node=node, boot_id="b9", hypervisor_ok=True, hypervisor_type="test", domain_count=0)))).start()
 
     h.switch.on_wake = other_switch.on_wake = boots_when_released
+    h.switch.on_shutdown = other_switch.on_shutdown = lambda node: h.agent.publish(
+        NodeOffline(node=node, boot_id="b9", reason="SIGTERM"))
     apps = (h.app, other)
     try:
         wait_for(lambda: other.ready.is_set() and other.peers_ready.is_set() and h.app.peers_ready.is_set(), 15,
@@ -452,11 +460,14 @@ def test_instances_sharing_the_queue_do_a_duplicate_once_and_refuse_the_opposite
         h.arbiter.publish(WakeNode(command_id=c2, node="n2"))
         wait_for(lambda: any(app.peers.busy("n2") for app in apps), 10, what="the peer saw the wake of n2")
         h.arbiter.publish(ShutdownNode(command_id=c3, node="n2", issued_by="arbiter"))
-        refused = h.watcher.final(c3)
-        assert refused.status == "rejected" and refused.retryable and f"{c2} on power@" in refused.reason
+        wait_for(lambda: any(f"{c3}: n2 is waking (command {c2} on power@" in r.getMessage() for r in caplog.records),
+                 10, what="the shutdown queued behind the peer's wake")
+        assert h.watcher.of(c3) == []
         release.set()
         assert h.watcher.final(c2).status == "succeeded"
-        assert h.switch.shutdowns == other_switch.shutdowns == []
+        h.node_says(telemetry("n2"))
+        assert h.watcher.final(c3).status == "succeeded"
+        assert len(h.switch.shutdowns) + len(other_switch.shutdowns) == 1
     finally:
         release.set()
         other.stop()

@@ -11,8 +11,8 @@ ShutdownNode: off already -> skipped.  Active domains, a blind hypervisor, or
 Every wait ends on evidence or a deadline.  Idempotent by command id: a
 replay of a finished command republishes its result and does nothing else;
 a redelivery of one in progress waits for it.  A second command for a node
-with an operation in progress joins it when it asks the same thing and is
-rejected (retryable) when it asks the opposite.  Several instances may share
+with an operation in progress joins it when it asks the same thing and
+waits for it to finish, then is judged afresh, when it asks the opposite.  Several instances may share
 the command queue: each also reads its peers' results (peers.py), so a
 duplicate that lands on another instance waits for the peer's answer.
 """
@@ -99,23 +99,12 @@ class PowerService:
                 return
         except Stopped:
             raise TemporaryError("the power service is stopping") from None
-        op, earlier, busy = self._register(cmd)
+        op, earlier = self._register(cmd)
         if earlier is not None:
             self._replay(cmd, earlier)
             return
         try:
-            result: CommandResult | None = None
-            if busy is not None:
-                result = self._join_or_refuse(cmd, busy.kind, busy.command_id, "",
-                                              lambda: busy.done.wait() and busy.result)
-            elif self.peers is not None and (peer := self.peers.busy(cmd.node)) is not None:
-                result = self._join_or_refuse(cmd, peer.kind, peer.command_id, f" on {peer.sender}",
-                                              lambda: self.peers.wait_final(peer, self.budget(peer.kind)))
-                if result is None:
-                    log.warning("%s %s: %s gave no result for %s in time; doing it here", cmd.KIND,
-                                cmd.command_id, peer.sender, peer.command_id)
-            if result is None:
-                result = self._execute(cmd)
+            result = self._one_at_a_time(cmd, op)
         except Stopped:
             # No verdict: forget the command so its redelivery (here after a restart, or on a peer) does it.
             log.info("%s %s for %s: stopping before the outcome was known; it goes back to the queue",
@@ -142,14 +131,14 @@ class PowerService:
 
     # ---------------------------------------------------------------- idempotency
 
-    def _register(self, cmd: WakeNode | ShutdownNode) -> tuple[_Op, _Op | None, _Op | None]:
+    def _register(self, cmd: WakeNode | ShutdownNode) -> tuple[_Op, _Op | None]:
         with self._lock:
             earlier = self._ops.get(cmd.command_id)
             if earlier is not None:
                 if (earlier.kind, earlier.node) != (cmd.KIND, cmd.node):
                     raise PermanentError(f"command_id {cmd.command_id!r} was already used for {earlier.kind} "
                                          f"of {earlier.node}; a new command needs a new command_id")
-                return earlier, earlier, None
+                return earlier, earlier
             op = _Op(cmd.command_id, cmd.KIND, cmd.node)
             self._ops[cmd.command_id] = op
             while len(self._ops) > LEDGER_SIZE:
@@ -157,10 +146,48 @@ class PowerService:
                 if not oldest.done.is_set():
                     break
                 del self._ops[oldest_id]
-            busy = self._busy.get(cmd.node)
-            if busy is None:
-                self._busy[cmd.node] = op
-            return op, None, busy
+            return op, None
+
+    def _claim(self, op: _Op) -> _Op | None:
+        """Make `op` the node's operation here; or return the one that already is."""
+        with self._lock:
+            busy = self._busy.get(op.node)
+            if busy is None or busy is op:
+                self._busy[op.node] = op
+                return None
+            return busy
+
+    def _one_at_a_time(self, cmd: WakeNode | ShutdownNode, op: _Op) -> CommandResult:
+        """One power operation per node at a time, across this instance and its peers.
+
+        The same request joins the one in progress (its result, once); the opposite one waits
+        for it to end and is then judged afresh -- a wake queued behind a shutdown wakes the node
+        again instead of being refused, which the arbiter would take for a broken node.
+        """
+        waited_for_peer: set[str] = set()
+        while True:
+            busy = self._claim(op)
+            if busy is not None:
+                if busy.kind == cmd.KIND:
+                    joined = self._join(cmd, busy.command_id, "", lambda: busy.done.wait() and busy.result)
+                    if joined is not None:
+                        return joined
+                else:
+                    self._wait_behind(cmd, busy.kind, busy.command_id, "", busy.done.wait)
+                continue
+            peer = self.peers.busy(cmd.node) if self.peers is not None else None
+            if peer is None or peer.command_id in waited_for_peer:
+                return self._execute(cmd)
+            waited_for_peer.add(peer.command_id)
+            wait_peer = lambda: self.peers.wait_final(peer, self.budget(peer.kind))  # noqa: E731
+            if peer.kind == cmd.KIND:
+                joined = self._join(cmd, peer.command_id, f" on {peer.sender}", wait_peer)
+                if joined is not None:
+                    return joined
+                log.warning("%s %s: %s gave no result for %s in time; doing it here", cmd.KIND,
+                            cmd.command_id, peer.sender, peer.command_id)
+                return self._execute(cmd)
+            self._wait_behind(cmd, peer.kind, peer.command_id, f" on {peer.sender}", wait_peer)
 
     def _replay(self, cmd: WakeNode | ShutdownNode, earlier: _Op) -> None:
         if not earlier.done.is_set():
@@ -211,15 +238,17 @@ class PowerService:
         wait = s.wake_timeout_s if kind == WakeNode.KIND else s.shutdown_timeout_s + s.stale_after_s
         return wait + s.ssh_connect_timeout_s + s.ssh_command_timeout_s + 30.0
 
-    def _join_or_refuse(self, cmd: WakeNode | ShutdownNode, kind: str, other_id: str, where: str,
-                        wait: Callable[[], CommandResult | None]) -> CommandResult | None:
-        """Join an operation in progress on the same node, or refuse the opposite; None: it never ended."""
-        if kind != cmd.KIND:
-            verb = "waking" if kind == WakeNode.KIND else "shutting down"
-            return self._result(cmd, "rejected", f"{cmd.node} is {verb} (command {other_id}{where}); "
-                                                 "send this again once that command has finished",
-                                retryable=True, details={"busy_with": other_id})
-        self._accepted(cmd, f"joining {kind} {other_id}{where} already in progress for {cmd.node}",
+    def _wait_behind(self, cmd: WakeNode | ShutdownNode, kind: str, other_id: str, where: str,
+                     wait: Callable[[], Any]) -> None:
+        verb = "waking" if kind == WakeNode.KIND else "shutting down"
+        log.info("%s %s: %s is %s (command %s%s); waiting for that to finish first", cmd.KIND, cmd.command_id,
+                 cmd.node, verb, other_id, where)
+        wait()
+
+    def _join(self, cmd: WakeNode | ShutdownNode, other_id: str, where: str,
+              wait: Callable[[], CommandResult | None]) -> CommandResult | None:
+        """Share the result of the same request in progress; None: it ended without one."""
+        self._accepted(cmd, f"joining {cmd.KIND} {other_id}{where} already in progress for {cmd.node}",
                        {"joined": other_id})
         first = wait()
         if not first:
