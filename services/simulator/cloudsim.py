@@ -78,6 +78,11 @@ _LR_W = lr_weights(LR_LENGTH + 1)  # + ceil(max migration time / 300 s) = 1 for 
 _LR_W_NEWEST_FIRST = _LR_W[::-1].copy()
 
 
+def _watts(table: np.ndarray, util: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """Power as the placement sees it: a host at 0 % is off and draws nothing."""
+    return np.where(util > 0, power_at(table, util, rows), 0.0)
+
+
 # ---------------------------------------------------------------- overload detectors
 
 
@@ -214,7 +219,7 @@ class MigrationPolicy:
         alloc = np.zeros(H)
         ram = np.zeros(H)
         n = np.zeros(H, dtype=np.int64)
-        p_now = power_at(c.power, np.zeros(H))
+        p_now = np.zeros(H)  # nothing has run yet: every host is at 0 %, i.e. off
         placement = np.full(V, -1, dtype=np.int64)
         # No history yet: every adaptive detector falls back to the static 0.7.
         threshold = getattr(self.detector, "threshold", FALLBACK_THRESHOLD)
@@ -225,7 +230,7 @@ class MigrationPolicy:
             idx = np.flatnonzero(ok)
             if idx.size == 0:
                 continue
-            pd = power_at(c.power, (alloc[idx] + m) / c.total[idx], idx) - p_now[idx]
+            pd = _watts(c.power, (alloc[idx] + m) / c.total[idx], idx) - p_now[idx]
             h = int(idx[int(np.argmin(pd))])
             placement[v] = h
             alloc[h] += m
@@ -251,10 +256,11 @@ class MigrationPolicy:
         H = total.shape[0]
         vtail = (vm_hist[:, LR_LENGTH - 1:] != 0).any(axis=1)
         tail_nz = (host_hist[:, LR_LENGTH - 1:] != 0).any(axis=1)
-        # host.getPower(): from the last update, not the scratch state.  An idle
-        # host's "power now" is its idle power (PowerModelSpecPower has no 0 %
-        # special case), so waking an empty host looks cheap: kept.
-        p_last = power_at(c.power, util_last)
+        # host.getPower() is read from the last update, not from the scratch
+        # state, so a host that already took a VM this round looks dearer.  A
+        # host idle at the last update is off and draws 0 W: waking it costs
+        # its whole power, idle part included.
+        p_last = _watts(c.power, util_last, None)
 
         def create(v: int, h: int) -> None:
             r = req[v]
@@ -289,7 +295,7 @@ class MigrationPolicy:
             if idx.size == 0:
                 return -1
             after = (host_alloc[idx] + r) / total[idx]
-            pd = power_at(c.power, after, idx) - p_last[idx]
+            pd = _watts(c.power, after, idx) - p_last[idx]
             pd[after > 1.0] = np.inf  # the power model rejects > 100 %
             while True:
                 j = int(np.argmin(pd))  # first minimum = lowest host id, like CloudSim's strict "<"
@@ -328,9 +334,11 @@ class MigrationPolicy:
 
         # Under-utilised hosts, least utilised first, evacuated all-or-nothing.
         switched_off = util_last == 0
+        # A host that just took VMs from an overloaded one is not evacuated in
+        # the same round (it would send them on a second hop).
         excl_under = over | switched_off
-        # CloudSim meant to also exclude the targets chosen above, but reads them
-        # from a fresh, empty map: they stay candidates for evacuation (kept).
+        for _, t in migration_map:
+            excl_under[t] = True
         excl_place = over | switched_off
         cand = np.flatnonzero(~excl_under & (util_last > 0) & (util_last < 1))
         order = cand[np.lexsort((cand, util_last[cand]))]
