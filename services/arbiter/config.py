@@ -19,6 +19,7 @@
     warmup_s = 10                 # after start, rebuild state from telemetry before deciding
     unknown_grace_s = 15          # a configured node that never reports is assumed off after this
     state_file = "/var/lib/enersis/arbiter/state.json"   # "" = keep nothing across restarts
+    state_fsync = true            # false: faster commands; a host crash (not a process crash) may lose the last changes
     managed_vms = []              # empty: every VM may be moved; else only these (the seed's [MV])
 
     [commands]
@@ -107,6 +108,7 @@ class ArbiterConfig:
     warmup_s: float = 10.0
     unknown_grace_s: float = 15.0
     state_file: str = ""
+    state_fsync: bool = True
     managed_vms: tuple[str, ...] = ()
     commands: CommandSettings = field(default_factory=CommandSettings)
     nodes: tuple[NodeConfig, ...] = ()
@@ -117,6 +119,7 @@ _ARBITER_KEYS = {
     "policy": str, "upper_pct": (int, float), "lower_pct": (int, float), "cycle_s": (int, float),
     "mode": str, "paused": bool, "frontend": str, "stale_after_intervals": (int, float),
     "warmup_s": (int, float), "unknown_grace_s": (int, float), "state_file": str, "managed_vms": list,
+    "state_fsync": bool,
 }
 _NODE_KEYS = {"address": str, "mac": str, "cpu_window_s": (int, float), "frontend": bool}
 
@@ -220,6 +223,7 @@ def parse(data: dict[str, Any], *, with_broker: bool = True) -> ArbiterConfig:
         warmup_s=float(arb.get("warmup_s", 10.0)),
         unknown_grace_s=float(arb.get("unknown_grace_s", 15.0)),
         state_file=arb.get("state_file", ""),
+        state_fsync=arb.get("state_fsync", True),
         managed_vms=tuple(managed),
         commands=commands,
         nodes=tuple(nodes),

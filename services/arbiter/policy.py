@@ -184,13 +184,19 @@ class _Model:
         for nv in sorted(snapshot.nodes, key=lambda n: n.name):
             if nv.name not in self.nodes:  # a duplicate name is a caller bug; the first wins
                 self.nodes[nv.name] = _Node(nv)
-        self.vms: list[VmView] = []
         self.in_flight_migrations = 0
-        for vm in sorted(snapshot.vms, key=lambda v: v.name):
+        # No global sort: every walk over a node's VMs sorts them (by load, then name) itself.
+        for vm in snapshot.vms:
             src = self.nodes.get(vm.node)
             if src is None:
-                continue  # a VM on a node we know nothing about is not ours to move
-            self.vms.append(vm)
+                # Not ours to move, but if it is on its way to a node we know, that node is not empty.
+                dst = self.nodes.get(vm.target) if vm.busy and vm.target else None
+                if dst is not None:
+                    dst.incoming += 1
+                    dst.used += vm.cpu
+                    dst.mem_used += vm.mem_mib
+                    dst.vms.append(vm)
+                continue
             dst = self.nodes.get(vm.target) if vm.busy and vm.target else None
             if dst is not None and dst is not src:
                 # In flight: count it where it is going so nothing is sent twice.
@@ -353,6 +359,7 @@ def _decide_2012(snapshot: Snapshot, params: Params, now: float) -> list[Intent]
                 if moved:
                     n.evacuating = True
             elif not n.in_flight:
+                n.evacuating = True  # about to power off: no later step of this pass may target it
                 intents.append(Shutdown(n.name, f"{n.name} empty and underloaded at {pct:.0f}% < {lower:g}%"))
     return intents
 
@@ -364,7 +371,7 @@ def _drain(model: _Model, n: _Node, intents: list[Intent],
     for vm in sorted(n.vms, key=lambda v: (-v.cpu, v.name)):
         if _movable(vm) and not place(vm, n):
             wake_for(f"draining {n.name}: no online node can take {vm.name}")
-    if not n.vms and not n.in_flight and n.view.power_off_when_empty:
+    if not n.vms and not n.in_flight and n.view.power_off_when_empty and not n.view.frontend:
         intents.append(Shutdown(n.name, f"{n.name} drained for maintenance"))
 
 
@@ -482,7 +489,7 @@ def _decide_hysteresis(snapshot: Snapshot, params: Params, now: float) -> list[I
             for vm in sorted(n.vms, key=lambda v: (-v.cpu, v.name)):
                 if _movable(vm) and can_send(n):
                     place(vm, n, f"draining {n.name}")
-            if not n.vms and not n.in_flight and n.view.power_off_when_empty:
+            if not n.vms and not n.in_flight and n.view.power_off_when_empty and not n.view.frontend:
                 intents.append(Shutdown(n.name, f"{n.name} drained for maintenance"))
 
     # 4. Sustained underload: evacuate all-or-nothing, least loaded first; power off empty nodes beyond the reserve.

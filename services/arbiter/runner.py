@@ -42,7 +42,7 @@ class ArbiterService:
     def __init__(self, cfg: ArbiterConfig, settings: BrokerSettings, **arbiter_kw: Any):
         self.cfg = cfg
         self.publisher = Publisher(settings, SENDER)
-        store = StateFile(cfg.state_file) if cfg.state_file else None
+        store = StateFile(cfg.state_file, fsync=cfg.state_fsync) if cfg.state_file else None
         self.arbiter = Arbiter(cfg, BrokerBus(self.publisher), store=store, **arbiter_kw)
         # One worker: telemetry, results and operator commands are folded in arrival order.
         self.consumer = Consumer(settings, self.publisher, workers=1, name="arbiter",

@@ -113,6 +113,7 @@ class Arbiter:
         self.warm_until = now + cfg.warmup_s
         self.reacted: dict[str, float] = {}
         self.decisions = 0
+        self.last_timing = (0.0, 0.0)
         self.stats = {"sent": 0, "dropped": 0, "recommended": 0}
         if store is not None:
             self._restore(store.load(), now)
@@ -521,10 +522,17 @@ class Arbiter:
                 n.power = "online"
 
     def _decide(self, now: float) -> None:
+        t0 = time.perf_counter()
         busy_nodes = {r.node for r in self.log.records.values() if r.kind in POWER_KINDS}
         snapshot = self.state.snapshot(now, pinned=self._pins(now), busy=self._busy(), busy_nodes=busy_nodes)
+        t1 = time.perf_counter()
         intents = decide(snapshot, self.params, now)
+        t2 = time.perf_counter()
         self.decisions += 1
+        self.last_timing = (t1 - t0, t2 - t1)
+        if t2 - t0 > 0.5:
+            log.warning("a decision took %.0f ms (snapshot %.0f ms, policy %.0f ms) for %d nodes / %d VMs",
+                        (t2 - t0) * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, len(snapshot.nodes), len(snapshot.vms))
         if self.paused:
             # Paused: only what an operator asked for (drains) goes on.
             draining = set(self.drains) | {n.name for n in self.state.nodes.values() if n.drained}
@@ -543,6 +551,9 @@ class Arbiter:
             self._recommend(planned, now)
         else:
             self._send(planned, now)
+        log.debug("decision: snapshot %.1f ms, policy %.1f ms, plan+send %.1f ms, %d intent(s), %d sent",
+                  self.last_timing[0] * 1000, self.last_timing[1] * 1000, (time.perf_counter() - t2) * 1000,
+                  len(intents), len(planned))
 
     def _send(self, planned: list[Planned], now: float) -> bool:
         # Write-ahead: the record is saved before the command leaves, so a
@@ -611,12 +622,15 @@ class Arbiter:
             "unconfirmed": self.unconfirmed,
             "drains": {n: vars(o) for n, o in self.drains.items()},
             "recommendations": {rid: vars(r) for rid, r in self.recommendations.items()},
+            # Only what telemetry cannot tell again; a plain online node needs no line.
             "nodes": {
                 n.name: {"power": n.power, "drained": n.drained, "drain_power_off": n.drain_power_off,
                          "quarantine_reason": n.quarantine_reason, "quarantined_at": n.quarantined_at,
                          "hold_until": n.hold_until, "power_deadline": n.power_deadline,
                          "power_events": list(n.power_events)}
                 for n in self.state.nodes.values()
+                if n.power in ("off", "waking", "shutting_down", "quarantined") or n.drained or n.power_events
+                or n.hold_until > 0
             },
             "commands": self.log.to_dict(),
             "operator_replies": list(self.operator_replies)[-1000:],

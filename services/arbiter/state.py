@@ -48,6 +48,7 @@ class NodeRecord:
     publish_interval_s: float = 5.0
     domains: dict[str, DomainSample] = field(default_factory=dict)
     vm_views: tuple[VmView, ...] = ()
+    view_cache: tuple | None = None  # (key, NodeView): rebuilt only when something it shows changed
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))  # (load %, ts_ms of its report)
     # lifecycle bookkeeping
     power_events: deque = field(default_factory=lambda: deque(maxlen=64))  # epoch s of completed shutdowns
@@ -85,6 +86,8 @@ class NodeRecord:
         return "draining" if self.drained else "online"
 
     def cycles_last_hour(self, now: float) -> int:
+        if not self.power_events:
+            return 0
         return sum(1 for t in self.power_events if now - t <= POWER_EVENT_WINDOW_S)
 
 
@@ -255,38 +258,41 @@ class ClusterState:
         `busy_nodes`: nodes with a power command in flight."""
         busy = busy or {}
         nodes = []
-        vms: dict[str, VmView] = {}
-        dup = False
+        vms: list[VmView] = []
         for rec in self.nodes.values():
             state = rec.view_state(now, self.stale_after_intervals)
-            nodes.append(NodeView(
-                name=rec.name,
-                state=state,
-                cpu_capacity=rec.capacity,
-                cpu_used=rec.cpu_used,
-                mem_mib=rec.mem_total_kib // 1024,
-                busy=rec.name in busy_nodes,
-                frontend=rec.frontend,
-                # The policy wants past loads; the current report is cpu_used.
-                history=tuple(p for p, ts in rec.history if ts != rec.last_ts_ms),
-                power_cycles_last_hour=rec.cycles_last_hour(now),
-                power_off_when_empty=rec.drain_power_off,
-            ))
-            for v in rec.vm_views:
-                if v.name in vms:
-                    dup = True
-                    other = vms[v.name]
-                    # Seen on two nodes (the end of a migration): the running copy on the newest report wins.
-                    if (not v.busy, self.nodes[v.node].last_ts_ms) <= (not other.busy, self.nodes[other.node].last_ts_ms):
-                        continue
-                vms[v.name] = v
-        if pinned or busy:
-            for name in set(pinned) | set(busy):
-                v = vms.get(name)
-                if v is None:
+            cycles = rec.cycles_last_hour(now)
+            nbusy = rec.name in busy_nodes
+            key = (rec.last_ts_ms, rec.cpu_pct, rec.cpus, rec.mhz, rec.mem_total_kib, state, nbusy, cycles,
+                   rec.drain_power_off, len(rec.history), rec.history[-1][1] if rec.history else 0)
+            if rec.view_cache is None or rec.view_cache[0] != key:
+                last = rec.last_ts_ms
+                rec.view_cache = (key, NodeView(
+                    name=rec.name,
+                    state=state,
+                    cpu_capacity=rec.capacity,
+                    cpu_used=rec.cpu_used,
+                    mem_mib=rec.mem_total_kib // 1024,
+                    busy=nbusy,
+                    frontend=rec.frontend,
+                    # The policy wants past loads; the current report is cpu_used.
+                    history=tuple(p for p, ts in rec.history if ts != last) if rec.history else (),
+                    power_cycles_last_hour=cycles,
+                    power_off_when_empty=rec.drain_power_off,
+                ))
+            nodes.append(rec.view_cache[1])
+            vms.extend(rec.vm_views)
+        # The few VMs that need more than their node's cached view: in flight, pinned, or listed twice.
+        special = set(pinned) | set(busy)
+        if len(self.where) != len(vms):  # some VM is listed by two nodes (the end of a migration)
+            special |= {vm for vm, where in self.where.items() if len(where) > 1}
+        if special:
+            vms = [v for v in vms if v.name not in special]
+            for name in special:
+                loc = self.vm_location(name)
+                if loc is None:
                     continue
-                vms[name] = replace(v, pinned=v.pinned or name in pinned,
-                                    busy=v.busy or name in busy, target=busy.get(name, v.target))
-        if dup:
-            log.debug("a VM is listed by two nodes; using the newest running copy")
-        return Snapshot(nodes=tuple(nodes), vms=tuple(vms.values()))
+                v = next(x for x in self.nodes[loc].vm_views if x.name == name)
+                vms.append(replace(v, pinned=v.pinned or name in pinned, busy=v.busy or name in busy,
+                                   target=busy.get(name, v.target)))
+        return Snapshot(nodes=tuple(nodes), vms=tuple(vms))

@@ -21,8 +21,11 @@ FORMAT = 1
 
 
 class StateFile:
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True):
         self.path = Path(path)
+        # Without fsync the rename is still atomic and survives a crash of the arbiter process;
+        # only a crash of the whole host can lose the last changes.
+        self.fsync = fsync
 
     def load(self) -> dict[str, Any] | None:
         try:
@@ -50,7 +53,8 @@ class StateFile:
             with os.fdopen(fd, "w") as fh:
                 fh.write(payload)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.fsync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             try:
