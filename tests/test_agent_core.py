@@ -469,3 +469,33 @@ def test_xen_host_domain_counts_in_the_load_but_is_not_a_vm() -> None:
     assert [d.name for d in msg.domains] == ["vm-1"]
     assert msg.cpu_pct_latest == pytest.approx(75)
     assert online_message(ident, st).domain_count == 1
+
+
+def test_broker_outage_is_logged_at_start_every_minute_and_at_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    hv, clock = FakeHypervisor(), FakeClock()
+    hv.add("a")
+    s = make_sampler(hv, clock)
+    s.sample_once()
+    bus = RecordingBus()
+    agent = Agent(Identity("node-1", "boot", "v", 1.0, 5.0, 3.0), s, bus, clock=clock)
+    bus.down = True
+    budgets = []
+    real_publish = bus.publish
+
+    def publish(message, *, retry_for_s=None):
+        budgets.append(retry_for_s)
+        return real_publish(message, retry_for_s=retry_for_s)
+
+    bus.publish = publish  # type: ignore[method-assign]
+    for _ in range(150):  # 150 s of one try per second
+        agent.publish_once(s.latest(), budget_s=0.0)
+        clock.t += 1
+    bus.down = False
+    assert agent.publish_once(s.latest(), budget_s=1.0)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "enersis.agent.telemetry"]
+    assert sum("broker unreachable" in m for m in msgs) == 1
+    assert sum("still unreachable" in m for m in msgs) == 2  # after 60 s and 120 s, not 150 lines
+    assert any("reachable again after 150s" in m for m in msgs)
+    agent._broker_ok = False
+    agent._offline("stopping")  # broker known down: one attempt, no 3 s wait
+    assert budgets[-1] == 0.0

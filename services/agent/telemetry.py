@@ -27,6 +27,8 @@ from .sampler import NodeState, Sampler
 
 log = logging.getLogger("enersis.agent.telemetry")
 
+REMIND_EVERY_S = 60.0  # while the broker is down, say so again this often (not at every retry)
+
 
 class Bus(Protocol):
     """What the agent needs from the broker plumbing (common.bus.Publisher)."""
@@ -108,6 +110,8 @@ class Agent:
         self.dropped = 0  # telemetry messages given up while the broker was down
         self._online_ok: bool | None = None  # None: not announced yet; False: announced, hypervisor not ok since
         self._broker_ok = True
+        self._down_since: float | None = None  # clock time of the first failure of this outage
+        self._reminded_at = 0.0
         self._sampling: threading.Thread | None = None
         self.offline_reason = "agent stopped"  # the entry point sets it from the signal received
 
@@ -138,7 +142,9 @@ class Agent:
         next_t = self.clock()
         while not stop.is_set():
             state = self.sampler.latest()
-            ok = state is not None and self.publish_once(state, budget_s=retry)
+            # Down: one connection attempt per try (no retry storm, no log storm); up: a short
+            # budget rides out a dropped connection.
+            ok = state is not None and self.publish_once(state, budget_s=retry if self._broker_ok else 0.0)
             now = self.clock()
             if not ok:
                 next_t = now + retry
@@ -148,7 +154,7 @@ class Agent:
                     next_t = now + period
             stop.wait(max(0.0, next_t - now))
 
-    def publish_once(self, state: NodeState, *, budget_s: float, stop: threading.Event | None = None) -> bool:
+    def publish_once(self, state: NodeState, *, budget_s: float) -> bool:
         """NodeOnline if due, then one NodeTelemetry of `state`.  False if the broker was unreachable."""
         try:
             if self._online_ok is None or (state.hypervisor_ok and not self._online_ok):
@@ -165,25 +171,34 @@ class Agent:
                 self._online_ok = False
         except Exception as exc:  # BrokerUnavailable, or a refusal such as a permission error
             self.dropped += 1
+            now = self.clock()
             if self._broker_ok:
+                self._down_since = self._reminded_at = now
                 if isinstance(exc, BrokerUnavailable):
                     log.warning("broker unreachable, telemetry dropped (sampling goes on; the latest state "
                                 "is sent when it is back): %s", exc)
                 else:
                     log.error("broker refused telemetry (%s: %s); check [broker] user, password and permissions",
                               type(exc).__name__, exc)
+            elif self._down_since is not None and now - self._reminded_at >= REMIND_EVERY_S:
+                self._reminded_at = now
+                log.warning("broker still unreachable after %.0fs (%d telemetry messages dropped; sampling goes on): "
+                            "%s: %s", now - self._down_since, self.dropped, type(exc).__name__, exc)
             self._broker_ok = False
             return False
         self.published += 1
         if not self._broker_ok:
-            log.info("broker reachable again; telemetry resumed at seq %d", self.seq)
+            down = self.clock() - self._down_since if self._down_since is not None else 0.0
+            log.info("broker reachable again after %.0fs; telemetry resumed at seq %d", down, self.seq)
         self._broker_ok = True
+        self._down_since = None
         return True
 
     def _offline(self, reason: str) -> None:
         try:
+            # A broker already known down gets one attempt: a stopping node must not hang on it.
             self.bus.publish(NodeOffline(node=self.ident.node, boot_id=self.ident.boot_id, reason=reason),
-                             retry_for_s=3.0)
+                             retry_for_s=3.0 if self._broker_ok else 0.0)
             log.info("%s offline: %s", self.ident.node, reason)
         except Exception as exc:  # stopping anyway: say so and go
             log.warning("could not announce NodeOffline (%s: %s)", type(exc).__name__, exc)
