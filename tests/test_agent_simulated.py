@@ -325,3 +325,29 @@ def test_command_line(tmp_path: Path) -> None:
     assert run("power", str(d), "node-3", "on").returncode == 0
     r = run("init", str(d), "--nodes", "1", "--vms", "1", "--trace-dir", str(TRACES / "20110309"))
     assert r.returncode == 1 and "already holds" in r.stderr
+
+
+def _toggle_in_child(path: str, vm: str, times: int) -> None:
+    c = SimulatedCluster(path)
+    for _ in range(times):
+        c.stop_vm(vm)
+        c.start_vm(vm)
+
+
+def test_concurrent_processes_lose_no_update(tmp_path: Path) -> None:
+    tr = [write_trace(tmp_path, "t", [50])]
+    c = SimulatedCluster.create(tmp_path / "c", nodes=2, vms=4, traces=tr)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_toggle_in_child, args=(str(c.path), f"vm-{i}", 25)) for i in range(1, 5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    # Every read-modify-write held the lock: all 200 changes are in the history, every VM runs.
+    events = c.history()
+    assert len(events) == 4 * 25 * 2
+    assert sorted(c.placement()) == ["vm-1", "vm-2", "vm-3", "vm-4"]
+    for i in range(1, 5):
+        mine = [e["event"] for e in events if e["vm"] == f"vm-{i}"]
+        assert mine == ["stopped", "started"] * 25
