@@ -96,21 +96,21 @@ def lab(broker: Broker, tmp_path_factory):
     trace = tmp / "trace-30"
     trace.write_text("30\n" * 288)
     cluster = tmp / "cluster"
-    # vm-1 runs on node-1; node-2 and node-3 start powered off and empty.
-    SimulatedCluster.create(cluster, nodes=["node-1", "node-2", "node-3"], vms=1, traces=[str(trace)],
+    # vm-1 runs on node-1; node-2 and node-3 start powered off and empty; node-4 is on and empty.
+    SimulatedCluster.create(cluster, nodes=["node-1", "node-2", "node-3", "node-4"], vms=1, traces=[str(trace)],
                             powered_off=["node-2", "node-3"], speedup=1.0)
     for user in ("agent", "power"):
         (tmp / f"{user}.password").write_text(broker.passwords[user] + "\n")
     url = f"amqp://127.0.0.1:{broker.amqp_port}/{vhost}"
-    for node in ("node-1", "node-2", "node-3"):
+    for node in ("node-1", "node-2", "node-3", "node-4"):
         (tmp / f"{node}.toml").write_text(
             f'node = "{node}"\n[broker]\nurl = "{url}"\nuser = "agent"\npassword_file = "{tmp / "agent.password"}"\n'
             f'[hypervisor]\nuri = "sim://{cluster}"\n'
             "[telemetry]\nsample_interval_s = 0.2\npublish_interval_s = 1.0\nwindow_s = 1.0\n"
             "[executor]\nenabled = false\n")
-    r = lab_cmd("up", "--name", LAB_NAME, "--nodes", "node-1,node-2,node-3", "--subnet", SUBNET,
+    r = lab_cmd("up", "--name", LAB_NAME, "--nodes", "node-1,node-2,node-3,node-4", "--subnet", SUBNET,
                 "--boot", f"{VENV_BIN / 'enersis'} agent --config {tmp}/{{node}}.toml",
-                "--on", "node-1", "--ignore-packets", "node-3",
+                "--on", "node-1,node-4", "--ignore-packets", "node-3", "--hard-poweroff", "node-4",
                 "--sim-cluster", str(cluster), "--sim-python", sys.executable,
                 "--broker-url", url, "--broker-user", "power", "--broker-password-file", str(tmp / "power.password"))
     info = json.loads(r.stdout)
@@ -300,6 +300,17 @@ def test_shutdown_powers_the_node_off_confirmed_by_node_offline(lab, service):
     assert service.switch.shutdowns == ["node-2"]
 
 
+def test_a_pulled_plug_is_confirmed_by_silence_and_a_closed_ssh_port(lab, service):
+    # node-4's poweroff kills its agent at once (no NodeOffline), then its sshd.
+    ensure_on(lab, "node-4", service)
+    c = service.send(ShutdownNode(command_id=cid(), node="node-4", issued_by="arbiter"))
+    r = service.watcher.final(c, timeout=40)
+    assert r.status == "succeeded" and r.details["evidence"] == "silence+ssh-closed", r
+    assert "(hard)" in poweroffs(lab, "node-4")[-1]
+    assert agent_pid(lab, "node-4") is None
+    assert service.switch.ssh_port_open(service.app.config.nodes["node-4"], timeout=1) is False
+
+
 # ---------------------------------------------------------------- the command line
 
 
@@ -325,4 +336,4 @@ def test_enersis_power_command_runs_on_the_lab_inventory(broker, lab):
         watcher.close()
         arbiter.close()
     assert proc.returncode == 0, out
-    assert "power service for 3 node(s)" in out
+    assert "power service for 4 node(s)" in out

@@ -28,6 +28,9 @@ Per node:
 - an sshd in the node namespace (ssh_standin.py) with one key, shared by the
   lab's nodes, whose forced command stops that node's boot command (the
   stand-in for poweroff) and logs a line to {state}/NODE/poweroff.log.
+- with --hard-poweroff, that node's poweroff is a pulled plug: the agent is
+  killed (no NodeOffline) and its sshd stops, so only silence and a closed
+  SSH port tell that it is down (sshd is not restarted on the next boot).
 - with --sim-cluster DIR, booting also powers the node on in that simulated
   cluster and the poweroff powers it off there (its VMs die, as on a real node).
 
@@ -99,7 +102,7 @@ def up(args: argparse.Namespace) -> int:
     nodes = [n for n in args.nodes.split(",") if n]
     if not nodes or len(set(nodes)) != len(nodes):
         raise SystemExit("netns-lab: --nodes must list distinct node names")
-    for extra in (args.on, args.ignore_packets):
+    for extra in (args.on, args.ignore_packets, args.hard_poweroff):
         unknown = set(extra) - set(nodes)
         if unknown:
             raise SystemExit(f"netns-lab: {', '.join(sorted(unknown))} not in --nodes")
@@ -156,11 +159,19 @@ def up(args: argparse.Namespace) -> int:
             node_dir.mkdir(mode=0o700)
             pid_file = node_dir / "agent.pid"
             poweroff_log = node_dir / "poweroff.log"
+            hard = info["node"] in args.hard_poweroff
             forced = f"{sys.executable} {NIC} --poweroff {pid_file} --poweroff-log {poweroff_log}"
+            if hard:
+                forced += " --hard"
             if args.sim_cluster:
                 # A real power-off takes the node's VMs down with it: the simulated cluster must say so too.
                 forced += (f"; {args.sim_python} -m enersis.agent.simulated power {args.sim_cluster} {info['node']} off"
                            " --force")
+            if hard:
+                # A pulled plug: the agent died without NodeOffline and, once this session has ended,
+                # the node's sshd goes too (the port closes, as on a machine that halted).
+                forced += (f"; (sleep 0.5; kill $(cat {node_dir / 'ssh' / 'sshd.pid'})) "
+                           "</dev/null >/dev/null 2>&1 &")
             ssh = sh(sys.executable, str(SSH), "up", "--dir", str(node_dir / "ssh"), "--address", info["address"],
                      "--port", "22", "--netns", info["netns"], "--from", str(net),
                      "--client-pubkey", f"{client_key}.pub", "--forced-command", forced, "--json")
@@ -366,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="nodes that start powered on")
     u.add_argument("--ignore-packets", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="nodes whose NIC never wakes them")
+    u.add_argument("--hard-poweroff", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="nodes whose poweroff kills the agent at once (no NodeOffline) and then their sshd")
     u.add_argument("--boot-delay", type=float, default=0.0, help="seconds from magic packet to boot command")
     u.add_argument("--wol-port", type=int, default=9)
     u.add_argument("--sim-cluster", help="simulated cluster folder (enersis.agent.simulated): boot powers the "

@@ -30,7 +30,8 @@ The stand-in poweroff (an sshd forced command, see ssh_standin.py):
     standin_nic.py --poweroff F [--poweroff-log LOG]
 
 sends SIGTERM to the process group in pid file F, waits for it to exit
-(SIGKILL after --grace seconds) and appends one line to LOG.
+(SIGKILL after --grace seconds; at once with --hard, a pulled plug) and
+appends one line to LOG.
 
 Ready signal: once listening, "listening on ADDR:PORT for MAC" is printed
 on stdout (flushed).  Stdlib only: it runs on any python3.
@@ -184,10 +185,10 @@ class Node:
             stop_group(proc.pid, grace)
 
 
-def stop_group(pid: int, grace: float) -> bool:
-    """SIGTERM the process group led by pid, SIGKILL after grace; True if it was running."""
+def stop_group(pid: int, grace: float, hard: bool = False) -> bool:
+    """SIGTERM the process group led by pid, SIGKILL after grace (at once if hard); True if it was running."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGKILL if hard else signal.SIGTERM)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -217,14 +218,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def poweroff(pid_file: str, log_file: str | None, grace: float) -> int:
+def poweroff(pid_file: str, log_file: str | None, grace: float, hard: bool = False) -> int:
     try:
         with open(pid_file) as fh:
             pid = int(fh.read().strip())
     except (FileNotFoundError, ValueError):
         pid = 0
-    was_on = stop_group(pid, grace) if pid > 0 else False
-    line = f"{time.time():.3f} poweroff pid={pid or '-'} was_on={was_on} by={os.environ.get('SSH_CONNECTION', 'local')!r} asked={os.environ.get('SSH_ORIGINAL_COMMAND', '')!r}\n"
+    was_on = stop_group(pid, grace, hard) if pid > 0 else False
+    line = f"{time.time():.3f} poweroff{' (hard)' if hard else ''} pid={pid or '-'} was_on={was_on} by={os.environ.get('SSH_CONNECTION', 'local')!r} asked={os.environ.get('SSH_ORIGINAL_COMMAND', '')!r}\n"
     if log_file:
         with open(log_file, "a") as fh:
             fh.write(line)
@@ -288,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL on poweroff")
     p.add_argument("--poweroff", metavar="PID_FILE", help="stop the node whose boot command's pid is in PID_FILE")
     p.add_argument("--poweroff-log", metavar="LOG", help="with --poweroff: append a line to LOG")
+    p.add_argument("--hard", action="store_true",
+                   help="with --poweroff: SIGKILL at once, as pulling the plug (the agent cannot say goodbye)")
     args = p.parse_args(argv)
     if args.poweroff:
-        return poweroff(args.poweroff, args.poweroff_log, args.grace)
+        return poweroff(args.poweroff, args.poweroff_log, args.grace, args.hard)
     if not args.listen or args.mac is None or not command:
         p.error("--listen, --mac and a boot command after -- are required")
     args.command = command
