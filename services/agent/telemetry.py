@@ -6,10 +6,19 @@ until the next period; if the broker is down it is dropped and the next
 period tries with fresher data.  So a long outage costs memory for one
 message, and the first telemetry after it is current, not a backlog.
 
-Lifecycle: NodeOnline once the first sample is in (and again whenever the
-hypervisor comes back after being unreachable), NodeOffline on stop.  Every
-NodeTelemetry carries the whole inventory of the node, so a lost message
-heals itself at the next period.
+Lifecycle: NodeOnline once the first measurement is in (and again whenever
+the hypervisor comes back after being unreachable), NodeOffline on stop.
+Every NodeTelemetry carries the whole inventory of the node, so a lost
+message heals itself at the next period.
+
+What a NodeTelemetry says, for its consumers:
+- cpu_pct: the node's load, mean over window_s; cpu_pct_latest: the last sample;
+- each domain's cpu_node_pct / cpu_vcpu_pct: means over the same window, so
+  they add up to cpu_pct (a domain that just appeared reads 0 until measured);
+- hypervisor_ok false: `error` says why, and load and domains are the LAST
+  KNOWN ones (an unreachable node never looks empty or idle);
+- seq grows by one per attempt: a gap is telemetry dropped while the broker
+  was down, never sent late.
 """
 
 from __future__ import annotations
