@@ -488,6 +488,7 @@ def test_commands_still_work_where_the_broker_refuses_the_peer_results_queue(bro
         h.arbiter.publish(WakeNode(command_id=c, node="n1"))
         assert h.watcher.final(c).status == "succeeded"
         assert not h.app.peers_ready.is_set()
+        wait_for(lambda: h.app.peer_consumer.stopped, 5, what="the refused peer subscription given up")
     finally:
         h.close()
 

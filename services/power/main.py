@@ -22,6 +22,8 @@ import threading
 import uuid
 from typing import Any
 
+import pika.exceptions as px
+
 from enersis.common import topology
 from enersis.common.bus import Consumer, Publisher
 from enersis.common.config import BrokerSettings, ConfigError
@@ -73,11 +75,19 @@ class PowerApp:
         self.tracker.listening()
         return q
 
-    @staticmethod
-    def _declare_peer_results_queue(channel: Any) -> str:
-        q = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        for kind in sorted(COMMAND_KINDS):
-            channel.queue_bind(q, topology.EX_RESULTS, routing_key=f"result.{kind}.#")
+    def _declare_peer_results_queue(self, channel: Any) -> str:
+        try:
+            q = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            for kind in sorted(COMMAND_KINDS):
+                channel.queue_bind(q, topology.EX_RESULTS, routing_key=f"result.{kind}.#")
+        except px.ChannelClosedByBroker as exc:
+            if exc.reply_code == 403:
+                # Say it once and carry on without: retrying cannot fix a permission.
+                log.warning("the broker refuses user %r read access to %s (%s): duplicate detection across "
+                            "power instances is off; load the current deploy/rabbitmq/definitions.json to enable it",
+                            self.publisher.settings.user, topology.EX_RESULTS, exc.reply_text)
+                self.peer_consumer.stop()
+            raise
         return q
 
     @property
