@@ -116,8 +116,11 @@ def up(args: argparse.Namespace) -> int:
         teardown(name)
 
     state = state_dir(name)
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state.parent, 0o755)
+    for parent in reversed(state.parents):  # 0755 whatever the umask: sshd's StrictModes checks them all
+        if not parent.exists():
+            parent.mkdir()
+            os.chmod(parent, 0o755)
+    state.mkdir(exist_ok=True)
     os.chmod(state, 0o700)
     prefix = net.prefixlen
     host_ip = str(net.network_address + 1)

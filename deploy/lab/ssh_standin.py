@@ -107,7 +107,12 @@ def up(args: argparse.Namespace) -> int:
     pid = read_pid(folder)
     if pid and alive(pid):
         fail(f"an sshd from {folder} is already running (pid {pid}); run `down` first")
-    folder.mkdir(parents=True, exist_ok=True)
+    # Create missing parents 0755 whatever the umask: StrictModes checks every one of them.
+    for parent in reversed(folder.parents):
+        if not parent.exists():
+            parent.mkdir()
+            os.chmod(parent, 0o755)
+    folder.mkdir(exist_ok=True)
     os.chmod(folder, 0o700)
     keygen(folder / "host_ed25519", f"standin-host-{args.address}-{args.port}")
     if args.client_pubkey:
