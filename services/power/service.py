@@ -397,6 +397,7 @@ class PowerService:
                              node=cmd.node, retryable=retryable, details=dict(details or {}))
 
     def _accepted(self, cmd: WakeNode | ShutdownNode, reason: str, details: dict[str, Any] | None = None) -> None:
+        log.info("%s %s for %s accepted: %s", cmd.KIND, cmd.command_id, cmd.node, reason)
         try:
             self._publish(self._result(cmd, "accepted", reason, details=details))
         except (BrokerUnavailable, OSError) as exc:
