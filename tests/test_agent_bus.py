@@ -253,3 +253,21 @@ def test_wrong_credentials_are_reported_not_crashed(broker: Broker, vhost: str, 
         pub.close()
     errors = [r for r in caplog.records if r.name == "enersis.agent.telemetry" and r.levelname == "ERROR"]
     assert len(errors) == 1 and "check [broker] user, password and permissions" in errors[0].getMessage()
+
+
+def test_enersis_agent_check_prints_one_measurement(cluster: SimulatedCluster, tmp_path: Path) -> None:
+    import json
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'node = "node-1"\n[hypervisor]\nuri = "sim://{cluster.path}"\n[telemetry]\nsample_interval_s = 0.2\n')
+    cmd = [sys.executable, "-m", "enersis.cli", "agent", "--config", str(cfg), "--check"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["hypervisor_ok"] and body["hypervisor_type"] == "Simulated"
+    on_node = sorted(v for v, n in cluster.placement().items() if n == "node-1")
+    assert sorted(d["name"] for d in body["domains"]) == on_node
+    assert any(d["cpu_vcpu_pct"] > 0 for d in body["domains"])  # measured, not a first-reading 0
+    cluster.set_reachable("node-1", False)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "hypervisor unreachable" in r.stderr and "does not answer" in r.stderr

@@ -25,13 +25,16 @@ from .config import AgentConfig, load_agent_config
 from .executor import ExecutorConfig, start_executor
 from .hypervisor import Hypervisor
 from .sampler import Sampler
-from .telemetry import Agent, Identity
+from .telemetry import Agent, Identity, telemetry_message
 
 log = logging.getLogger("enersis.agent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the node's TOML file (node, [broker], [hypervisor], [telemetry])")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config and the hypervisor: take two samples one interval apart, print what "
+                             "would be published (JSON), and exit (0 = hypervisor answered, 1 = it did not); no broker")
 
 
 def agent_version() -> str:
@@ -79,6 +82,8 @@ def run(args: Any) -> int:
     ident = Identity(cfg.node, boot_id, agent_version(), t.sample_interval_s, t.publish_interval_s, t.window_s)
     sampler = Sampler(hv, sample_interval_s=t.sample_interval_s, window_s=t.window_s,
                       facts_interval_s=t.publish_interval_s)
+    if getattr(args, "check", False):
+        return check(ident, sampler, hv)
     publisher = Publisher(cfg.broker, sender=f"agent.{cfg.node}")
     agent = Agent(ident, sampler, publisher)
     log.info("agent for %s: hypervisor %s, broker %s, sample %.2gs, publish %.2gs, window %.2gs",
@@ -115,4 +120,28 @@ def run(args: Any) -> int:
         worker.join(15)
         publisher.close()
         hv.close()
+    return 0
+
+
+def check(ident: Identity, sampler: Sampler, hv: Hypervisor) -> int:
+    """`enersis agent --check`: one measurement, printed as the NodeTelemetry body it would publish."""
+    import dataclasses
+    import json
+    import time
+
+    from enersis.common.codec import body_of
+
+    try:
+        sampler.sample_once()
+        time.sleep(ident.sample_interval_s)
+        state = sampler.sample_once()
+    finally:
+        hv.close()
+    msg = telemetry_message(ident, state, 0)
+    body = body_of(msg)
+    body["domains"] = [dataclasses.asdict(d) for d in msg.domains]  # named fields: this is for a person
+    print(json.dumps(body, indent=1))
+    if not state.hypervisor_ok:
+        print(f"enersis agent --check: hypervisor unreachable: {state.error}", file=sys.stderr)
+        return 1
     return 0
