@@ -120,10 +120,21 @@ def lab(broker: Broker, tmp_path_factory):
         yield info
     finally:
         lab_cmd("down", "--name", LAB_NAME)
+        broker.delete_vhost(vhost)
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert LAB_NAME not in left, f"namespaces left behind: {left}"
+        assert subprocess.run(["ip", "link", "show", f"{LAB_NAME}-h"], capture_output=True).returncode != 0
         assert not Path(info["state"]).exists()
-        broker.delete_vhost(vhost)
+        for n in info["nodes"]:
+            assert not running(n["nic_pid"]) and not running(n["sshd_pid"]), f"{n['node']}: a process survived"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def agent_pid(lab, node: str) -> int | None:
