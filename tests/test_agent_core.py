@@ -20,6 +20,7 @@ from enersis.agent.telemetry import Agent, Identity, online_message, telemetry_m
 from enersis.common.codec import decode, encode, wrap
 from enersis.common.config import ConfigError
 from enersis.common.messages import NodeOffline, NodeOnline, NodeTelemetry
+from tests.conftest import wait_for
 
 S = 1_000_000_000  # ns per s
 
@@ -499,3 +500,43 @@ def test_broker_outage_is_logged_at_start_every_minute_and_at_the_end(caplog: py
     agent._broker_ok = False
     agent._offline("stopping")  # broker known down: one attempt, no 3 s wait
     assert budgets[-1] == 0.0
+
+
+def test_a_hanging_hypervisor_call_is_reported_not_hidden() -> None:
+    # A remote libvirt connection to a dead host can block a call for minutes: the publisher
+    # must not keep sending the last numbers as if the node were fine.
+    hv = FakeHypervisor()
+    hv.add("a")
+    release = threading.Event()
+    plain = hv.read_domains
+    s = Sampler(hv, sample_interval_s=0.1, window_s=0.5)
+    s.sample_once()
+    s.sample_once()
+    bus = RecordingBus()
+    agent = Agent(Identity("node-1", "boot", "v", 0.1, 0.3, 0.5), s, bus)
+    assert agent.publish_once(s.latest(), budget_s=1) and bus.sent[-1].hypervisor_ok
+
+    def hang() -> list[DomainReading]:
+        release.wait(30)
+        return plain()
+
+    hv.read_domains = hang  # type: ignore[method-assign]
+    stop = threading.Event()
+    t = threading.Thread(target=s.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        def flagged() -> bool:
+            agent.publish_once(s.latest(), budget_s=1)
+            return not bus.sent[-1].hypervisor_ok
+
+        wait_for(flagged, 10, what="telemetry saying the hypervisor hangs")
+        assert "hangs" in bus.sent[-1].error and [d.name for d in bus.sent[-1].domains] == ["a"]
+        release.set()  # the call returns: readings resume, and so does NodeOnline
+        hv.read_domains = plain  # type: ignore[method-assign]
+        wait_for(lambda: agent.publish_once(s.latest(), budget_s=1) and bus.sent[-1].hypervisor_ok, 10,
+                 what="telemetry after the hang")
+        assert isinstance(bus.sent[-2], NodeOnline) and bus.sent[-2].hypervisor_ok
+    finally:
+        release.set()
+        stop.set()
+        t.join(5)

@@ -23,6 +23,7 @@ What a NodeTelemetry says, for its consumers:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from .sampler import NodeState, Sampler
 
 log = logging.getLogger("enersis.agent.telemetry")
 
+STALL_INTERVALS = 5  # a sample older than this many intervals (at least 2 s): the hypervisor hangs
 REMIND_EVERY_S = 60.0  # while the broker is down, say so again this often (not at every retry)
 
 
@@ -121,6 +123,7 @@ class Agent:
         self._broker_ok = True
         self._down_since: float | None = None  # clock time of the first failure of this outage
         self._reminded_at = 0.0
+        self._stalled = False
         self._sampling: threading.Thread | None = None
         self.offline_reason = "agent stopped"  # the entry point sets it from the signal received
 
@@ -165,6 +168,7 @@ class Agent:
 
     def publish_once(self, state: NodeState, *, budget_s: float) -> bool:
         """NodeOnline if due, then one NodeTelemetry of `state`.  False if the broker was unreachable."""
+        state = self._flag_stall(state)
         try:
             if self._online_ok is None or (state.hypervisor_ok and not self._online_ok):
                 self.bus.publish(online_message(self.ident, state), retry_for_s=budget_s)
@@ -173,7 +177,7 @@ class Agent:
                          "reachable" if state.hypervisor_ok else "UNREACHABLE", len(state.domains))
             self.seq += 1
             # Build after the NodeOnline: a long retry above must not send stale numbers.
-            fresh = self.sampler.latest() or state
+            fresh = self._flag_stall(self.sampler.latest() or state)
             self.bus.publish(telemetry_message(self.ident, fresh, self.seq), retry_for_s=budget_s)
             if not fresh.hypervisor_ok:
                 # Readiness withdrawn: once the hypervisor answers again, say NodeOnline again.
@@ -202,6 +206,22 @@ class Agent:
         self._broker_ok = True
         self._down_since = None
         return True
+
+    def _flag_stall(self, state: NodeState) -> NodeState:
+        """A sample older than a few intervals means a hypervisor call hangs (a dead remote host
+        without keepalive): say so rather than repeat old numbers as if all were well."""
+        age = self.clock() - state.taken_at
+        limit = max(STALL_INTERVALS * self.ident.sample_interval_s, 2.0)
+        if state.hypervisor_ok and age > limit:
+            if not self._stalled:
+                log.warning("no hypervisor reading for %.0fs (a call to it hangs); reporting it unreachable", age)
+            self._stalled = True
+            return dataclasses.replace(state, hypervisor_ok=False,
+                                       error=f"no hypervisor reading for {age:.0f}s: a call to the hypervisor hangs")
+        if self._stalled and age <= limit:
+            log.info("hypervisor readings resumed")
+            self._stalled = False
+        return state
 
     def _offline(self, reason: str) -> None:
         try:
