@@ -11,7 +11,6 @@ and torn down by the tests themselves.  Needs root and QEMU (CI has both).
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Any
 
