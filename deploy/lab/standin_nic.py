@@ -7,9 +7,11 @@ the same in user space:
 
     standin_nic.py --listen ADDR:PORT --mac MAC [--netns NS] [--pid-file F] -- BOOT_COMMAND...
 
-- Listens for UDP datagrams on ADDR:PORT (use 0.0.0.0 to receive
-  broadcasts; on loopback give each node its own port, or share a port and
-  send to 127.255.255.255).
+- Listens for UDP datagrams on ADDR:PORT.  A socket bound to a unicast
+  address hears no broadcast: in a namespace listen on 0.0.0.0:9; on
+  loopback give each node its own port and send to 127.0.0.1:PORT (several
+  NICs may share 0.0.0.0:PORT and hear a send to 127.255.255.255, but that
+  also listens on every interface).
 - A datagram that holds its own magic packet boots the node: BOOT_COMMAND
   (e.g. that node's `enersis agent --config node.toml`) is started once.
   While it runs the node is "on" and further packets are only logged; when
