@@ -358,3 +358,26 @@ def test_thresholds_reply_names_the_new_values(bad):
     arb, bus, clock = make()
     [r] = arb.on_operator(bad)
     assert r.status == "succeeded" and r.details == {"upper_pct": 50, "lower_pct": 10}
+
+
+def test_reports_sampled_before_a_migration_finished_are_corrected():
+    """An older report of the source still counts the VM that left; it must not trigger a second move."""
+    arb, bus, clock = make()
+    feed(arb, clock, "a", 90, [domain("v1", 50), domain("v2", 30), domain("v3", 10)])
+    feed(arb, clock, "b", 20, [domain("w1", 20)])
+    arb.step()
+    [m] = bus.of("MigrateVm")
+    sampled_before = ms(clock) + 5
+    clock.advance(1)
+    arb.on_result(result(m, "succeeded"), ms(clock))
+    # Reports from both nodes sampled before the result arrive late.
+    arb.on_telemetry(telemetry("a", 90, [domain("v1", 50), domain("v2", 30), domain("v3", 10)], seq=2), sampled_before)
+    arb.on_telemetry(telemetry("b", 20, [domain("w1", 20)], seq=2), sampled_before)
+    assert arb.state.nodes["a"].cpu_pct == pytest.approx(60)
+    assert arb.state.nodes["b"].cpu_pct == pytest.approx(50) and arb.state.vm_location("v2") == "b"
+    arb.step(full=True)
+    assert len(bus.of("MigrateVm")) == 1
+    # The target's own report confirms it; from then on reports are taken as they are.
+    clock.advance(1)
+    feed(arb, clock, "b", 52, [domain("w1", 20), domain("v2", 32)], seq=3)
+    assert not arb.state.moved and arb.state.nodes["b"].cpu_pct == 52

@@ -135,24 +135,35 @@ class ClusterState:
         rec.hypervisor_ok = msg.hypervisor_ok
         rec.error = msg.error
         rec.cpus, rec.mhz = msg.cpus, msg.mhz
-        rec.cpu_pct = max(0.0, min(100.0, msg.cpu_pct))
         rec.mem_total_kib = msg.mem_total_kib
         rec.publish_interval_s = msg.publish_interval_s or rec.publish_interval_s
+        adjust = 0.0
         if msg.hypervisor_ok:
             domains = {}
             for d in msg.domains:
                 guard = self.moved.get(d.name)
                 if guard and guard[0] != msg.node and ts_ms <= guard[1]:
-                    continue  # sampled before the migration finished: it has left already
+                    adjust -= d.cpu_node_pct  # sampled before the migration finished: it has left already
+                    continue
                 domains[d.name] = d
+            if self.moved:
+                # Sampled before a VM finished arriving here: it is here now, with its load.
+                for name, (target, done_ms) in self.moved.items():
+                    if target == msg.node and ts_ms <= done_ms and name not in domains and name in rec.domains:
+                        domains[name] = rec.domains[name]
+                        adjust += rec.domains[name].cpu_node_pct
             self._set_domains(rec, domains)
+        rec.cpu_pct = max(0.0, min(100.0, msg.cpu_pct + adjust))
+        if msg.hypervisor_ok:
             if rec.power in ("unknown", "off", "waking", "quarantined"):
                 if rec.power in ("off", "quarantined"):
                     log.info("node %s reports in while %s: it is up (powered on by hand?)", msg.node, rec.power)
                 rec.power = "online"
                 rec.quarantine_reason = ""
-            for name in [n for n, (t, _) in self.moved.items() if t == msg.node and n in rec.domains]:
-                del self.moved[name]  # confirmed by its target
+            if self.moved:
+                listed = {d.name for d in msg.domains}
+                for name in [n for n, (t, _) in self.moved.items() if t == msg.node and n in listed]:
+                    del self.moved[name]  # its target reports it: confirmed
         else:
             self._rebuild_views(rec)  # capacity may have changed; the domain list is kept, unverified
         return before, rec.cpu_pct
@@ -201,8 +212,12 @@ class ClusterState:
             src.last_outgoing_done_ms = max(src.last_outgoing_done_ms, ts_ms)
             if sample is not None:
                 self._set_domains(src, {k: v for k, v in src.domains.items() if k != vm})
+                src.cpu_pct = max(0.0, src.cpu_pct - sample.cpu_node_pct)
         if dst and sample is not None and vm not in dst.domains:
-            self._set_domains(dst, {**dst.domains, vm: sample})
+            # Its share of the target's capacity, until the target's own report says better.
+            pct = sample.cpu_node_pct * src.capacity / dst.capacity if src and dst.capacity > 0 else sample.cpu_node_pct
+            self._set_domains(dst, {**dst.domains, vm: replace(sample, cpu_node_pct=pct)})
+            dst.cpu_pct = min(100.0, dst.cpu_pct + pct)
         self.moved[vm] = (target, ts_ms)
 
     def confirmed_empty(self, name: str, now: float) -> bool:
