@@ -217,7 +217,10 @@ class Arbiter:
                     self.state.migration_done(vm, source, target, ts_ms or int(now * 1000))
                 self.log.record_success(vm)
             elif msg.status == "skipped":
+                # The executor skips only a VM that already runs on the target.
                 log.info("migration of %s skipped%s: %s", vm, who, msg.reason)
+                if target and source != target:
+                    self.state.migration_done(vm, source, target, ts_ms or int(now * 1000))
             else:
                 log.warning("migration of %s %s -> %s %s%s: %s", vm, source, target, msg.status, who, msg.reason)
                 if rec.ours:
@@ -232,19 +235,22 @@ class Arbiter:
             elif msg.status in ("failed", "rejected"):
                 self._quarantine(node, f"wake {msg.status}: {msg.reason}", now)
             else:
+                # The power service skips a wake only for a node it sees online; our own telemetry decides
+                # whether it is usable (stale until it reports), never "off" (that would wake it again and again).
                 log.info("wake of %s skipped%s: %s", node, who, msg.reason)
                 n = self.state.node(node, now)
                 if n.power == "waking":
-                    n.power = "online" if n.fresh(now, self.state.stale_after_intervals) else "off"
+                    n.power = "online"
         elif rec.kind == ShutdownNode.KIND:
             node = rec.node or msg.node
             n = self.state.node(node, now)
-            if msg.status == "succeeded":
-                log.info("node %s is off%s", node, who)
+            if msg.status in ("succeeded", "skipped"):  # skipped: the power service saw it off already
+                log.info("node %s is off%s%s", node, who, "" if msg.status == "succeeded" else f" ({msg.reason})")
                 n.power = "off"
                 n.last_seen = 0.0
-                n.power_events.append(now)
-                self.state._set_domains(n, {})
+                if msg.status == "succeeded":
+                    n.power_events.append(now)
+                self.state.clear_domains(node)
             else:
                 log.warning("shutdown of %s %s%s: %s", node, msg.status, who, msg.reason)
                 if n.power == "shutting_down":

@@ -220,6 +220,12 @@ class ClusterState:
             dst.cpu_pct = min(100.0, dst.cpu_pct + pct)
         self.moved[vm] = (target, ts_ms)
 
+    def clear_domains(self, name: str) -> None:
+        """A node confirmed off hosts nothing."""
+        rec = self.nodes.get(name)
+        if rec is not None:
+            self._set_domains(rec, {})
+
     def confirmed_empty(self, name: str, now: float) -> bool:
         """Fresh telemetry, sampled after the last migration away finished, lists no domain at all."""
         rec = self.nodes.get(name)
