@@ -514,3 +514,32 @@ def test_stopping_mid_wake_returns_promptly_and_the_command_is_finished_by_the_n
     finally:
         successor.stop()
         h.close()
+
+
+def test_a_peer_takes_over_at_once_when_the_holder_dies_mid_command(broker, vhost):
+    h = Harness(broker, vhost, wake_timeout_s=60)
+    other = PowerApp(power_config(wake_timeout_s=60), broker=broker.settings("power", vhost), switch=FakeSwitch()).start()
+    switches = {h.app: h.switch, other: other.switch}
+    calls: list[str] = []
+
+    def first_boot_never_comes(node: str) -> None:
+        calls.append(node)
+        if len(calls) > 1:  # the taker's packets wake it
+            h.agent.publish(NodeOnline(node=node, boot_id="b6", hypervisor_ok=True, hypervisor_type="test",
+                                       domain_count=0))
+
+    h.switch.on_wake = other.switch.on_wake = first_boot_never_comes
+    try:
+        wait_for(lambda: all(a.ready.is_set() and a.peers_ready.is_set() for a in switches), 15, what="both ready")
+        c = cid()
+        h.arbiter.publish(WakeNode(command_id=c, node="n1"))
+        wait_for(lambda: "accepted" in h.watcher.statuses(c), 10, what="accepted")
+        holder = next(a for a, sw in switches.items() if sw.wakes)
+        taker = other if holder is h.app else h.app
+        wait_for(lambda: taker.peers.get(c) is not None, 10, what="the taker saw 'accepted'")
+        holder.stop()  # dies mid-wait: its delivery goes back to the queue, redelivered to the taker
+        r = h.watcher.final(c, timeout=20)  # far less than the 60 s+ the taker would wait for a live holder
+        assert r.status == "succeeded" and switches[taker].wakes == ["n1"]
+    finally:
+        other.stop()
+        h.close()

@@ -95,7 +95,7 @@ class PowerService:
         if not isinstance(cmd, (WakeNode, ShutdownNode)):
             raise PermanentError(f"the power service handles WakeNode and ShutdownNode, not {cmd.KIND}")
         try:
-            if self._done_by_peer(cmd):
+            if self._done_by_peer(cmd, delivery.redelivered):
                 return
         except Stopped:
             raise TemporaryError("the power service is stopping") from None
@@ -164,7 +164,7 @@ class PowerService:
         for it to end and is then judged afresh -- a wake queued behind a shutdown wakes the node
         again instead of being refused, which the arbiter would take for a broken node.
         """
-        waited_for_peer: set[str] = set()
+        waited_for_peer = {cmd.command_id}  # a peer's op with our id is one we are taking over
         while True:
             busy = self._claim(op)
             if busy is not None:
@@ -204,7 +204,7 @@ class PowerService:
         if not earlier.published:
             self._publish_final(earlier)
 
-    def _done_by_peer(self, cmd: WakeNode | ShutdownNode) -> bool:
+    def _done_by_peer(self, cmd: WakeNode | ShutdownNode, redelivered: bool) -> bool:
         """A command another instance accepted: wait for its answer (or republish it) instead of redoing it."""
         peer = self.peers.get(cmd.command_id) if self.peers is not None else None
         if peer is None:
@@ -215,6 +215,12 @@ class PowerService:
         if (peer.kind, peer.node) != (cmd.KIND, cmd.node):
             raise PermanentError(f"command_id {cmd.command_id!r} was already used for {peer.kind} of {peer.node}; "
                                  "a new command needs a new command_id")
+        if peer.result is None and redelivered:
+            # The broker hands a delivery on only when its holder lost it (died, or its connection did):
+            # waiting for that peer could mean waiting for nobody.
+            log.warning("%s %s for %s was in progress on %s and came back from the broker; doing it here",
+                        cmd.KIND, cmd.command_id, cmd.node, peer.sender)
+            return False
         if peer.result is None:
             log.info("%s %s for %s is in progress on %s; waiting for its result", cmd.KIND, cmd.command_id,
                      cmd.node, peer.sender)
