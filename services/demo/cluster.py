@@ -46,11 +46,11 @@ class DemoSettings:
     speedup: float = 60.0  # simulated seconds per real second: an hour of trace per minute
     duration_s: float = 180.0
     trace_dir: str = ""
-    powered_off: int = 2  # how many nodes start powered off (the last ones)
+    powered_off: int = 0  # how many nodes start powered off (the last ones)
     vm_vcpus: int = 1
     vm_mem_mib: int = 1024
     node_cpus: int = 4
-    node_mem_mib: int = 8192
+    node_mem_mib: int = 16384
     migration_mib_s: float = 2048.0
     sample_interval_s: float = 0.5
     publish_interval_s: float = 2.0

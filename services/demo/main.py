@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--publish-interval", type=float, default=d.publish_interval_s, metavar="S",
       help=f"agents' telemetry interval (default {d.publish_interval_s:g}s)")
     a("--vm-vcpus", type=int, default=d.vm_vcpus, help=f"vCPUs per VM (default {d.vm_vcpus})")
+    a("--node-cpus", type=int, default=d.node_cpus, help=f"CPUs per node (default {d.node_cpus})")
+    a("--node-mem", type=int, default=d.node_mem_mib, metavar="MIB", help=f"memory per node (default {d.node_mem_mib} MiB)")
     a("--port-base", type=int, default=d.port_base,
       help=f"stand-in NICs listen on 127.0.0.1:BASE+i (UDP), sshds on BASE+500+i (default {d.port_base})")
     a("--run-dir", default="", help="folder for configs, logs, keys and the cluster (default /var/lib/enersis-demo/run-<time>)")
@@ -84,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace, trace_dir: str, run_dir: str) -> DemoSettings:
     return DemoSettings(
         nodes=args.nodes, vms=args.vms, speedup=args.speedup, duration_s=args.duration, trace_dir=trace_dir,
-        powered_off=args.powered_off, vm_vcpus=args.vm_vcpus, policy=args.policy, upper_pct=args.upper,
+        powered_off=args.powered_off, vm_vcpus=args.vm_vcpus, node_cpus=args.node_cpus, node_mem_mib=args.node_mem, policy=args.policy, upper_pct=args.upper,
         lower_pct=args.lower, cycle_s=args.cycle, publish_interval_s=args.publish_interval,
         sample_interval_s=min(0.5, args.publish_interval), window_s=2 * args.publish_interval,
         port_base=args.port_base, run_dir=run_dir, vhost=args.vhost, seed=args.seed,
