@@ -227,3 +227,16 @@ def test_a_peer_that_went_silent_after_accepting_stops_counting_as_busy():
     assert ledger.busy("n1") is None
     ledger.observe(CommandResult(command_id="c1", command_kind="WakeNode", status="succeeded", node="n1"), "peer")
     assert ledger.wait_final(ledger.get("c1"), 0.01).status == "succeeded"
+
+
+def test_our_own_final_settles_a_peer_command_we_took_over():
+    from enersis.common.messages import CommandResult
+    from enersis.power.peers import PeerLedger
+
+    ledger = PeerLedger("me")
+    ledger.observe(CommandResult(command_id="c1", command_kind="ShutdownNode", status="accepted", node="n1"), "dead")
+    assert ledger.busy("n1") is not None
+    ledger.observe(CommandResult(command_id="c1", command_kind="ShutdownNode", status="accepted", node="n1"), "me")
+    assert ledger.busy("n1") is not None, "only a final settles it"
+    ledger.observe(CommandResult(command_id="c1", command_kind="ShutdownNode", status="succeeded", node="n1"), "me")
+    assert ledger.busy("n1") is None and ledger.get("c1").result.status == "succeeded"

@@ -540,6 +540,8 @@ def test_a_peer_takes_over_at_once_when_the_holder_dies_mid_command(broker, vhos
         holder.stop()  # dies mid-wait: its delivery goes back to the queue, redelivered to the taker
         r = h.watcher.final(c, timeout=20)  # far less than the 60 s+ the taker would wait for a live holder
         assert r.status == "succeeded" and switches[taker].wakes == ["n1"]
+        # Its own final settles the dead holder's entry: later commands for n1 wait for nobody.
+        wait_for(lambda: taker.peers.busy("n1") is None, 10, what="the holder's wake settled")
     finally:
         other.stop()
         h.close()

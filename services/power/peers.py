@@ -55,10 +55,18 @@ class PeerLedger:
 
     def observe(self, result: CommandResult, sender: str) -> None:
         """Inline on the bus I/O thread."""
-        if sender == self.me or result.command_kind not in WATCHED_KINDS:
+        if result.command_kind not in WATCHED_KINDS:
             return
         with self._cond:
             op = self._ops.get(result.command_id)
+            if sender == self.me:
+                # Our own final for a peer's command means we took it over: it is settled.
+                if op is not None and result.final and op.result is None:
+                    op.result = result
+                    if self._busy.get(op.node) is op:
+                        del self._busy[op.node]
+                    self._cond.notify_all()
+                return
             if op is None:
                 op = PeerOp(result.command_id, result.command_kind, result.node, sender)
                 self._ops[result.command_id] = op
