@@ -15,12 +15,14 @@ from enersis.simulator import arbiter_policy as sim_arbiter
 from enersis.simulator.main import simulate
 from enersis.simulator.policies import POLICY_NAMES, make_policy
 
-TRACES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "planetlab"))
+TRACES = os.environ.get("ENERSIS_TRACES") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "planetlab"))
 DAY = os.path.join(TRACES, "20110303")
 JSON_KEYS = {"energy_kwh", "migrations", "slatah", "pdm", "slav", "esv", "host_shutdowns", "hosts", "vms",
              "runtime_s", "policy", "model", "trace"}
 
-needs_traces = pytest.mark.skipif(not os.path.isdir(DAY), reason=f"PlanetLab traces not found at {DAY}")
+needs_traces = pytest.mark.skipif(not os.path.isdir(DAY),
+                                  reason=f"PlanetLab traces not found at {DAY} (set ENERSIS_TRACES to their folder)")
 
 
 @pytest.fixture(scope="module")

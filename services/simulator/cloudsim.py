@@ -253,7 +253,6 @@ class MigrationPolicy:
         """
         d = self.detector
         total = c.total
-        H = total.shape[0]
         vtail = (vm_hist[:, LR_LENGTH - 1:] != 0).any(axis=1)
         tail_nz = (host_hist[:, LR_LENGTH - 1:] != 0).any(axis=1)
         # host.getPower() is read from the last update, not from the scratch
