@@ -42,7 +42,8 @@ from .topology import (
 )
 
 log = logging.getLogger("enersis.bus")
-logging.getLogger("pika").setLevel(logging.ERROR)  # very noisy at WARNING (LAB.md §2)
+# pika logs every refused connection with a traceback (LAB.md §2); this module reports them once instead.
+logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 # Errors that mean "the broker is not there right now" (worth a retry).
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -81,6 +82,13 @@ class TemporaryError(Exception):
     """A handler's verdict that a later delivery may succeed: requeue (bounded by the delivery limit)."""
 
 
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text and text != "()" else type(exc).__name__
+
+
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, FATAL_CONNECT_ERRORS)
 
@@ -99,9 +107,16 @@ def connect(
         return retry_for_s is not None and state.seconds_since_start >= retry_for_s
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
+        # One warning when the outage starts, then one a minute: an outage must not flood the logs.
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("broker %s unreachable (%s); retry %d in %.1fs", settings.url_for_logs,
-                    type(exc).__name__ if exc else "?", state.attempt_number, state.next_action.sleep if state.next_action else 0)
+        first = state.attempt_number == 1
+        level = logging.WARNING if first or state.seconds_since_start - last_warning[0] >= 60 else logging.DEBUG
+        if level == logging.WARNING:
+            last_warning[0] = state.seconds_since_start
+        log.log(level, "broker %s unreachable (%s); retrying with backoff (attempt %d, down for %.0fs)",
+                settings.url_for_logs, _describe(exc), state.attempt_number, state.seconds_since_start)
+
+    last_warning = [0.0]
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(_retryable),
@@ -205,8 +220,8 @@ class Publisher:
                     self._drop()
                     err = exc
             if time.monotonic() + delay > deadline or self._closed.is_set():
-                raise BrokerUnavailable(f"could not publish to {exchange}/{routing_key} within {budget:.0f}s: {err}")
-            log.info("publish to %s/%s failed (%s); retrying", exchange, routing_key, type(err).__name__)
+                raise BrokerUnavailable(f"could not publish to {exchange}/{routing_key} within {budget:.0f}s: {_describe(err)}")
+            log.info("publish to %s/%s failed (%s); retrying", exchange, routing_key, _describe(err))
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
