@@ -7,7 +7,6 @@ publishing NodeOnline / NodeTelemetry / NodeOffline as the `agent` user.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import uuid
