@@ -172,3 +172,15 @@ def test_cloudsim_model_uses_an_off_host_at_once():
                      vm_mips=np.array([1000.0, 1000.0]), vm_ram=np.array([870.0, 870.0]))
     sim.run()
     assert sim.migration_log == [(pytest.approx(T1), 0, 0, 1)]
+
+
+@pytest.mark.parametrize("model,ram_limits,moves", [("cloudsim", True, 1), ("realistic", True, 0),
+                                                     ("realistic", False, 1)])
+def test_ram_limits_migrations_only_in_the_realistic_model(model, ram_limits, moves):
+    # The consolidation case again, but two 2500 MB VMs cannot share a 4096 MB host.
+    # CloudSim migrates with no RAM limit (a created VM asks for RAM x 0); the realistic model does not,
+    # unless asked to isolate the power-state costs.
+    sim = Simulation(constant(50, 20), [ML110_G5, ML110_G5], CLOUDSIM_POLICIES["thr-mmt-0.8"](), model=model,
+                     realistic=RealisticParams(ram_limits=ram_limits), vm_mips=np.array([1000.0, 1000.0]),
+                     vm_ram=np.array([2500.0, 2500.0]))
+    assert sim.run().migrations == moves

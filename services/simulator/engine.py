@@ -49,6 +49,7 @@ class RealisticParams:
     shutdown_s: float = 30.0
     boot_w: float | None = None  # None: the host's peak power (fans and POST run flat out)
     shutdown_w: float | None = None  # None: the host's idle power
+    ram_limits: bool = True  # False: migrate without RAM / VM-count limits, as CloudSim does (isolates power costs)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class Simulation:
         # (Vm.getCurrentRequestedRam); the experiment's cloudlets use
         # UtilizationModelNull for both, so CloudSim migrates without any RAM or
         # bandwidth limit.  The realistic model keeps the physical limits.
-        if model == "cloudsim":
+        if model == "cloudsim" or not realistic.ram_limits:
             self.c_move = replace(self.c, ram_cap=np.full(H, np.inf), vm_slots=np.full(H, np.iinfo(np.int64).max))
         else:
             self.c_move = self.c

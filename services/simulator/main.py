@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--off-watts", type=float, default=RealisticParams.off_w, help="power drawn while off (W)")
     g.add_argument("--boot-s", type=float, default=RealisticParams.boot_s, help="seconds from wake to usable")
     g.add_argument("--shutdown-s", type=float, default=RealisticParams.shutdown_s, help="seconds to power off")
+    g.add_argument("--no-ram-limits", action="store_true",
+                   help="migrate without RAM limits, as CloudSim does (to see the power-state costs alone)")
 
 
 class _Progress:
@@ -93,7 +95,8 @@ def simulate(trace: str, policy: str, model: str = "cloudsim", hosts: int = 800,
 def run(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stdout) if sys.stdout.isatty() else None
     try:
-        rp = RealisticParams(off_w=args.off_watts, boot_s=args.boot_s, shutdown_s=args.shutdown_s)
+        rp = RealisticParams(off_w=args.off_watts, boot_s=args.boot_s, shutdown_s=args.shutdown_s,
+                             ram_limits=not args.no_ram_limits)
         result = simulate(args.trace, args.policy, args.model, args.hosts, args.vms, rp, progress)
     except (TraceError, ValueError) as exc:
         print(f"enersis simulate: {exc}", file=sys.stderr)
