@@ -45,13 +45,14 @@ class NodeRecord:
             return self.power  # a sign of life newer than the power result wins
         if self.lifecycle == "offline" and self.lifecycle_ts_ms >= self.telemetry_ts_ms:
             return "offline"  # the agent said goodbye; the machine may still be on
+        stale_s = STALE_AFTER_INTERVALS * max(self.publish_interval_s, 0.1)
+        if self.lifecycle == "online" and self.lifecycle_ts_ms > self.telemetry_ts_ms:
+            # Just booted: its hello is newer than any report (which may be from before a power-off).
+            return "stale" if (now_ms - self.lifecycle_ts_ms) / 1000 > stale_s else "online"
         if self.telemetry is not None:
-            age_s = (now_ms - self.telemetry_ts_ms) / 1000
-            if age_s > STALE_AFTER_INTERVALS * max(self.publish_interval_s, 0.1):
+            if (now_ms - self.telemetry_ts_ms) / 1000 > stale_s:
                 return "stale"
             return "online" if self.telemetry.hypervisor_ok else "hypervisor-down"
-        if self.lifecycle == "online":
-            return "online"
         return "unknown"
 
     @property
@@ -108,6 +109,8 @@ class ClusterView:
             if ts >= rec.lifecycle_ts_ms:
                 rec.lifecycle, rec.lifecycle_ts_ms = "online", ts
                 rec.publish_interval_s = msg.publish_interval_s or rec.publish_interval_s
+                if rec.telemetry is not None and rec.telemetry.boot_id != msg.boot_id and ts > rec.telemetry_ts_ms:
+                    rec.telemetry = None  # a report from before this boot says nothing about its VMs now
         elif isinstance(msg, NodeOffline):
             rec = self.node(msg.node)
             if ts >= rec.lifecycle_ts_ms:
