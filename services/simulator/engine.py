@@ -165,6 +165,10 @@ class Simulation:
     # ------------------------------------------------------------------ run
 
     def run(self) -> Result:
+        """Simulate the day once (a Simulation is not reusable: it drops the VMs that found no host)."""
+        if getattr(self, "_ran", False):
+            raise RuntimeError("a Simulation runs once; build a new one")
+        self._ran = True
         began = time.perf_counter()
         c = self.c
         H, V = self.H, self.V
@@ -241,7 +245,8 @@ class Simulation:
         shutdowns = self.transitions_off if self.model == "cloudsim" else self.shutdowns_started
         return Result(
             energy_kwh=round(float(energy_kwh), 6), migrations=self.migrations, slatah=float(slatah),
-            pdm=float(pdm), slav=float(slav), esv=float(energy_kwh * slav), host_shutdowns=int(shutdowns), hosts=H, vms=V,
+            pdm=float(pdm), slav=float(slav), esv=float(energy_kwh * slav), host_shutdowns=int(shutdowns),
+            hosts=H, vms=V,
             runtime_s=round(time.perf_counter() - began, 3), policy=self.policy.name, model=self.model,
             trace=self.trace, boots=self.boots, fluid_kwh=self.fluid_j / 3.6e6,
             npa_kwh=float(self.pmax.sum()) * t / 3.6e6, rejected=self.rejected,
