@@ -132,11 +132,13 @@ class Arbiter:
                 self.reacted[msg.node] = now
                 self.trigger.set()
             elif was != "online" and self.state.nodes[msg.node].power == "online":
+                self._save()  # a restarted arbiter must know this node was up (never woken blindly)
                 self.trigger.set()
 
     def on_online(self, msg: NodeOnline) -> None:
         with self.lock:
             self.state.fold_online(msg, self.clock())
+            self._save()
             self.trigger.set()  # a woken node can take the VMs waiting for it
 
     def on_offline(self, msg: NodeOffline) -> None:
@@ -638,6 +640,8 @@ class Arbiter:
                 if n.power in ("off", "waking", "shutting_down", "quarantined") or n.drained or n.power_events
                 or n.hold_until > 0
             },
+            "known_up": sorted(n.name for n in self.state.nodes.values()
+                               if n.power == "online" or (n.power == "unknown" and n.was_up)),
             "commands": self.log.to_dict(),
             "operator_replies": list(self.operator_replies)[-1000:],
         }
@@ -676,6 +680,10 @@ class Arbiter:
             n.hold_until = float(d.get("hold_until", 0.0))
             n.power_deadline = float(d.get("power_deadline", 0.0))
             n.power_events.extend(d.get("power_events", []))
+        for name in data.get("known_up", []):
+            n = self.state.node(name, now)
+            if n.power == "unknown":
+                n.was_up = True
         self.log.load(data.get("commands", {}))
         for cid in data.get("operator_replies", []):
             self.operator_replies[cid] = []  # answered before the restart: a replay is acknowledged, not redone

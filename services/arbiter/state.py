@@ -34,6 +34,7 @@ class NodeRecord:
     power: str = "unknown"
     frontend: bool = False
     configured: bool = False
+    was_up: bool = False  # known online before the arbiter restarted
     first_seen_wait_until: float = 0.0  # an unknown node counts as off after this
     # last telemetry
     last_seen: float = 0.0  # arbiter clock when telemetry / lifecycle last arrived
@@ -194,8 +195,13 @@ class ClusterState:
         """Per cycle: record load history, give up waiting for configured nodes that never reported."""
         for rec in self.nodes.values():
             if rec.power == "unknown" and now >= rec.first_seen_wait_until:
-                log.info("node %s has not reported since start: assumed off", rec.name)
-                rec.power = "off"
+                if rec.was_up:
+                    # Up before our restart and silent since: stale like any silent node, never woken blindly.
+                    log.warning("node %s was up before the restart and has not reported since: stale", rec.name)
+                    rec.power = "online"
+                else:
+                    log.info("node %s has not reported since start: assumed off", rec.name)
+                    rec.power = "off"
             if rec.power == "online" and rec.fresh(now, self.stale_after_intervals):
                 # One entry per report: a cycle shorter than the publish interval must not count one sample twice.
                 if not rec.history or rec.history[-1][1] != rec.last_ts_ms:
