@@ -381,3 +381,19 @@ def test_reports_sampled_before_a_migration_finished_are_corrected():
     clock.advance(1)
     feed(arb, clock, "b", 52, [domain("w1", 20), domain("v2", 32)], seq=3)
     assert not arb.state.moved and arb.state.nodes["b"].cpu_pct == 52
+
+
+def test_queued_old_reports_do_not_make_a_dead_node_look_alive():
+    """After a restart the arbiter first reads reports queued while it was down (up to the queue's TTL)."""
+    arb, bus, clock = make(warmup_s=10)
+    old = ms(clock) - 40_000
+    arb.on_telemetry(telemetry("gone", 0, []), old)  # its last words, 40 s ago
+    arb.on_telemetry(telemetry("b", 50, [domain("w", 50)]), ms(clock))
+    assert arb.state.nodes["gone"].view_state(clock(), 3) == "stale"
+    assert not arb.warm(clock())  # still waiting: "gone" has not reported afresh
+    arb.step(full=True)
+    assert bus.sent == []  # in particular no shutdown of "gone" on 40-second-old data
+    clock.advance(11)
+    feed(arb, clock, "b", 50, [domain("w", 50)], seq=2)
+    arb.step(full=True)
+    assert bus.of("ShutdownNode") == []  # warm now, but a stale node is never shut down

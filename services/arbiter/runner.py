@@ -63,7 +63,7 @@ class ArbiterService:
         if isinstance(m, NodeTelemetry):
             self.arbiter.on_telemetry(m, d.envelope.ts_ms)
         elif isinstance(m, NodeOnline):
-            self.arbiter.on_online(m)
+            self.arbiter.on_online(m, d.envelope.ts_ms)
         elif isinstance(m, NodeOffline):
             self.arbiter.on_offline(m)
 

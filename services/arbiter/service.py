@@ -135,9 +135,9 @@ class Arbiter:
                 self._save()  # a restarted arbiter must know this node was up (never woken blindly)
                 self.trigger.set()
 
-    def on_online(self, msg: NodeOnline) -> None:
+    def on_online(self, msg: NodeOnline, ts_ms: int = 0) -> None:
         with self.lock:
-            self.state.fold_online(msg, self.clock())
+            self.state.fold_online(msg, self.clock(), ts_ms)
             self._save()
             self.trigger.set()  # a woken node can take the VMs waiting for it
 
@@ -472,9 +472,10 @@ class Arbiter:
     def warm(self, now: float) -> bool:
         if now >= self.warm_until:
             return True
-        # Every node we know of has reported (or is known off): nothing more to wait for.
-        return all(n.power in ("off", "quarantined") or n.last_seen > 0 for n in self.state.nodes.values()) \
-            and bool(self.state.nodes)
+        # Every node we know of has reported afresh (or is known off): nothing more to wait for.
+        stale_after = self.state.stale_after_intervals
+        return bool(self.state.nodes) and all(n.power in ("off", "quarantined") or n.fresh(now, stale_after)
+                                              for n in self.state.nodes.values())
 
     def step(self, *, full: bool | None = None) -> None:
         """One pass: a full cycle (history, deadlines, drains) when due, then a decision."""

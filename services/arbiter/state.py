@@ -128,7 +128,9 @@ class ClusterState:
         before = rec.cpu_pct if rec.power == "online" else 0.0
         if ts_ms and ts_ms < rec.last_ts_ms:
             return before, rec.cpu_pct  # reordered: an older report never overwrites a newer one
-        rec.last_seen = now
+        # Freshness by when the report was made, not when it reached us: a restarted arbiter first reads up
+        # to a minute of queued reports, which must not make a dead node look alive (node clocks: NTP).
+        rec.last_seen = min(now, ts_ms / 1000.0) if ts_ms else now
         rec.last_ts_ms = ts_ms
         if rec.boot_id and msg.boot_id != rec.boot_id:
             log.info("node %s rebooted (boot id %s -> %s)", msg.node, rec.boot_id, msg.boot_id)
@@ -169,9 +171,9 @@ class ClusterState:
             self._rebuild_views(rec)  # capacity may have changed; the domain list is kept, unverified
         return before, rec.cpu_pct
 
-    def fold_online(self, msg: NodeOnline, now: float) -> None:
+    def fold_online(self, msg: NodeOnline, now: float, ts_ms: int = 0) -> None:
         rec = self.node(msg.node, now)
-        rec.last_seen = now
+        rec.last_seen = max(rec.last_seen, min(now, ts_ms / 1000.0) if ts_ms else now)
         rec.boot_id = msg.boot_id
         rec.hypervisor_ok = msg.hypervisor_ok
         rec.publish_interval_s = msg.publish_interval_s or rec.publish_interval_s
