@@ -147,7 +147,9 @@ class ArbiterWorld(RuleBasedStateMachine):
 
     @rule()
     def restart(self):
+        # The process dies between two passes of its loop (a pass saves what changed, e.g. nodes seen up).
         self.check_commands()
+        self.arb.flush()
         self.arb = self._arbiter()
 
     @rule()

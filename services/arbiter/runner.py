@@ -88,6 +88,7 @@ class ArbiterService:
         self.arbiter.trigger.set()
         self._loop.join(10)
         self.consumer.stop()
+        self.arbiter.flush()
         self.publisher.close()
 
     def wait(self) -> None:

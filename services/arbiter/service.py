@@ -113,6 +113,7 @@ class Arbiter:
         self.warm_until = now + cfg.warmup_s
         self.reacted: dict[str, float] = {}
         self.decisions = 0
+        self.dirty = False  # something worth saving changed; the loop saves it
         self.last_timing = (0.0, 0.0)
         self.stats = {"sent": 0, "dropped": 0, "recommended": 0}
         if store is not None:
@@ -132,13 +133,13 @@ class Arbiter:
                 self.reacted[msg.node] = now
                 self.trigger.set()
             elif was != "online" and self.state.nodes[msg.node].power == "online":
-                self._save()  # a restarted arbiter must know this node was up (never woken blindly)
+                self.dirty = True  # a restarted arbiter must know this node was up (saved by the loop, once)
                 self.trigger.set()
 
     def on_online(self, msg: NodeOnline, ts_ms: int = 0) -> None:
         with self.lock:
             self.state.fold_online(msg, self.clock(), ts_ms)
-            self._save()
+            self.dirty = True
             self.trigger.set()  # a woken node can take the VMs waiting for it
 
     def on_offline(self, msg: NodeOffline) -> None:
@@ -486,9 +487,10 @@ class Arbiter:
             if full:
                 self.next_cycle = now + self.params.cycle_s
                 self._housekeeping(now)
-            if not self.warm(now):
-                return
-            self._decide(now)
+            if self.warm(now):
+                self._decide(now)
+            if self.dirty:
+                self._save()
 
     def _housekeeping(self, now: float) -> None:
         self.state.tick(now)
@@ -618,7 +620,14 @@ class Arbiter:
 
     # ================================================================ persistence
 
+    def flush(self) -> None:
+        """Write what the loop has not saved yet (on a clean stop)."""
+        with self.lock:
+            if self.dirty:
+                self._save()
+
     def _save(self) -> None:
+        self.dirty = False
         if self.store is None:
             return
         data = {
