@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -76,6 +77,9 @@ class ArbiterService:
     # -- lifecycle
 
     def start(self) -> "ArbiterService":
+        # A reaction crosses four threads (I/O, worker, decision loop, publisher); with Python's default
+        # 5 ms GIL switch interval each hand-off can wait that long while telemetry is being decoded.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self.consumer.start()
         self._loop.start()
         log.info("arbiter started: policy %s, upper %g%%, lower %g%%, cycle %gs, mode %s%s",
