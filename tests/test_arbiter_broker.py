@@ -370,3 +370,36 @@ def test_bad_operator_input_is_dead_lettered_with_a_reason(tmp_path, side, arbit
         assert "lower_pct" in props.headers[topology.H_REJECT_REASON]
     finally:
         conn.close()
+
+
+def test_advisory_mode_recommends_then_an_approval_executes(tmp_path, side, arbiters, broker, vhost):
+    cluster = FakeCluster(
+        vms={"v1": FakeVm("v1", "n1", 50), "v2": FakeVm("v2", "n1", 40), "w1": FakeVm("w1", "n2", 20)},
+        powered={"n1": True, "n2": True},
+    )
+    side(cluster)
+    watcher = ResultWatcher(broker, vhost)
+    conn = pika.BlockingConnection(broker.settings("operator", vhost).pika_parameters())
+    try:
+        arbiters(arbiter_config(tmp_path, cluster, mode="advisory"))
+        ch = conn.channel()
+
+        def recommendation():
+            method, props, body = ch.basic_get(topology.Q_ADVICE, auto_ack=True)
+            return decode(body, props.content_type).message if method else None
+
+        rec = wait_for(recommendation, 10, what="a Recommendation on enersis.res.advice")
+        assert rec.command_kind == "MigrateVm" and rec.command["vm"] == "v2" and "n1 overloaded" in rec.summary
+        assert cluster.migrate_commands == []  # advisory: nothing executed
+        approve = {"kind": "ApproveRecommendation", "version": "1.0",
+                   "body": {"command_id": "approve-1", "recommendation_id": rec.recommendation_id}}
+        broker.api("POST", f"exchanges/{vhost}/{topology.EX_COMMANDS}/publish", {
+            "properties": {"content_type": "application/json"}, "routing_key": "arbiter.ApproveRecommendation",
+            "payload": json.dumps(approve), "payload_encoding": "string"}, user="operator")
+        ok = wait_for(lambda: watcher.find("approve-1", "succeeded"), 10, what="the approval's result")
+        wait_for(lambda: cluster.vms["v2"].node == "n2", 10, what="the approved migration executed")
+        assert [c.command_id for c in cluster.migrate_commands] == [ok.details["command_id"]]
+        assert cluster.migrate_commands[0].issued_by == "operator"
+    finally:
+        conn.close()
+        watcher.close()
