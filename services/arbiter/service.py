@@ -132,9 +132,9 @@ class Arbiter:
                 # Act on the overload now; the cycle is only the safety net.
                 self.reacted[msg.node] = now
                 self.trigger.set()
-            elif was != "online" and self.state.nodes[msg.node].power == "online":
+            if was != "online" and self.state.nodes[msg.node].power == "online":
                 self.dirty = True  # a restarted arbiter must know this node was up (saved by the loop, once)
-                self.trigger.set()
+                self.trigger.set()  # new capacity
 
     def on_online(self, msg: NodeOnline, ts_ms: int = 0) -> None:
         with self.lock:
@@ -182,9 +182,10 @@ class Arbiter:
                            now + self.cfg.commands.migrate_timeout_s + self.cfg.commands.migrate_deadline_slack_s,
                            vm=vm, source=str(d.get("source") or msg.node), target=str(d.get("target") or ""),
                            ours=False)
-            self.manual_pins[vm] = now + hold  # the operator put it there: do not move it back
-            log.info("operator migration %s of %s seen (%s): leaving %s alone for %.0fs",
-                     msg.command_id, vm, msg.status, vm, hold)
+            if msg.status in ("accepted", "succeeded"):
+                self.manual_pins[vm] = now + hold  # the operator put it there: do not move it back
+                log.info("operator migration %s of %s seen (%s): leaving %s alone for %.0fs",
+                         msg.command_id, vm, msg.status, vm, hold)
         else:
             node = msg.node
             if not node or node == "-":
@@ -193,10 +194,11 @@ class Arbiter:
                            now + (self.cfg.commands.wake_timeout_s if msg.command_kind == WakeNode.KIND
                                   else self.cfg.commands.shutdown_timeout_s),
                            node=node, ours=False)
-            n = self.state.node(node, now)
-            n.hold_until = now + hold
-            log.info("operator %s %s of %s seen (%s): leaving its power alone for %.0fs",
-                     msg.command_kind, msg.command_id, node, msg.status, hold)
+            if msg.status in ("accepted", "succeeded"):
+                n = self.state.node(node, now)
+                n.hold_until = now + hold
+                log.info("operator %s %s of %s seen (%s): leaving its power alone for %.0fs",
+                         msg.command_kind, msg.command_id, node, msg.status, hold)
         if msg.status == "accepted":
             existing = self.log.for_vm(rec.vm) if rec.vm else self.log.power_for(rec.node)
             if existing is None:
