@@ -160,7 +160,20 @@ def test_the_arbiter_wakes_a_node_under_load_and_powers_nodes_off_when_idle(demo
     assert migrations, "a VM moved to the woken node"
 
 
+def settle(demo) -> None:
+    """Nothing in flight, and every online node reported after that: the bus view is the cluster's."""
+    view = demo.watcher.view
+    pump_until(demo, lambda: not view.in_flight(), 60, "the commands in flight to finish")
+    mark = now_ms()
+    pump_until(demo, lambda: all(r.telemetry_ts_ms > mark for r in view.nodes.values()
+                                 if r.state(now_ms()) == "online"), 30, "a fresh report from every online node")
+
+
 def test_status_shows_the_running_cluster(demo, broker, capsys):
+    # Pause the arbiter so nothing moves while we look (and later move VMs by hand).
+    assert cli_main(["send", "pause", "--config", demo.operator_toml, "--timeout", "30"]) == 0
+    assert "succeeded: PauseAutomation" in capsys.readouterr().out
+    settle(demo)
     code = cli_main(["status", "--config", demo.operator_toml, "--vms", "--listen", "8",
                      "--mgmt-url", f"http://127.0.0.1:{broker.mgmt_port}/"])
     out = capsys.readouterr().out
@@ -173,8 +186,7 @@ def test_status_shows_the_running_cluster(demo, broker, capsys):
 
 
 def test_operator_commands_and_the_readme_json_against_the_running_cluster(demo, broker, capsys):
-    # Pause the arbiter so it does not undo the manual moves, then wake a node by hand.
-    assert cli_main(["send", "pause", "--config", demo.operator_toml, "--timeout", "30"]) == 0
+    # The arbiter is paused (previous test): wake a node by hand.
     now = now_ms()
     view = demo.watcher.view
     pump_until(demo, lambda: sum(1 for n in ("node-1", "node-2", "node-3")
@@ -192,9 +204,11 @@ def test_operator_commands_and_the_readme_json_against_the_running_cluster(demo,
                and view.nodes[target].telemetry_ts_ms > now, 30, f"{target} reporting")
 
     # Exactly what the README says to paste into the management UI, with this cluster's names.
+    settle(demo)
     key, envelope = readme_ui_json()
     source = online[0]
     vm = sorted(d.name for d in view.nodes[source].telemetry.domains if d.running)[0]
+    assert view.where_is(vm, now_ms()) == source
     envelope["body"].update(vm=vm, source=source, target=target, command_id=f"ui-{uuid.uuid4().hex[:8]}")
     key = key.replace(key.split(".", 1)[1], source)
     routed = broker.api("POST", f"exchanges/{demo.vhost}/enersis.commands/publish", {
@@ -203,7 +217,7 @@ def test_operator_commands_and_the_readme_json_against_the_running_cluster(demo,
     assert routed == {"routed": True}
     cid = envelope["body"]["command_id"]
     pump_until(demo, lambda: cid in view.commands and view.commands[cid].final, 60, "the UI migration's result")
-    assert view.commands[cid].status == "succeeded", view.commands[cid]
+    assert view.commands[cid].status == "succeeded", (view.commands[cid], demo.events[-12:], online, off)
     pump_until(demo, lambda: view.where_is(vm, now_ms()) == target, 20, f"{vm} reported on {target}")
 
     # The same with the CLI, the source looked up from telemetry: move it back.

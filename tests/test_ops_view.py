@@ -96,3 +96,13 @@ def test_energy_ledger_against_all_on():
     tally = Tally()
     tally.update(v)
     assert tally.get("ShutdownNode") == 1 and tally.failed("ShutdownNode") == 0
+
+
+def test_vm_table_shows_a_migrating_vm_once_where_the_newest_report_puts_it():
+    from enersis.ops.render import vm_rows
+
+    v = ClusterView()
+    feed(v, tel("a", ("vm-1", "vm-2")), 1_000)
+    feed(v, tel("b", ("vm-2",)), 1_200)
+    rows = vm_rows(v, 1_500)[1:]
+    assert [(r.split()[0], r.split()[1]) for r in rows] == [("vm-1", "a"), ("vm-2", "b")]

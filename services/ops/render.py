@@ -60,12 +60,15 @@ def _node_line(rec: NodeRecord | None, name: str, state: str, now_ms: int, vm_na
 
 def vm_rows(view: ClusterView, now_ms: int) -> list[str]:
     lines = [f"{'VM':<16} {'NODE':<12} {'STATE':<9} {'VCPUS':>5} {'MEM MiB':>8} {'CPU% NODE':>9} {'CPU% VCPU':>9}"]
-    rows = []
+    # During a migration both nodes' latest reports may list the VM: show it once, where the newest report puts it.
+    newest: dict[str, tuple[int, str, object]] = {}
     for rec in view.nodes.values():
         if rec.telemetry is None or rec.state(now_ms) in ("off", "offline"):
             continue
         for d in rec.telemetry.domains:
-            rows.append((d.name, rec.name, d))
+            if d.name not in newest or rec.telemetry_ts_ms > newest[d.name][0]:
+                newest[d.name] = (rec.telemetry_ts_ms, rec.name, d)
+    rows = [(name, node, d) for name, (_, node, d) in newest.items()]
     for name, node, d in sorted(rows, key=lambda r: (_natural(r[0]), _natural(r[1]))):
         lines.append(f"{name:<16} {node:<12} {DOMAIN_STATES.get(d.state, str(d.state)):<9} {d.vcpus:>5} "
                      f"{d.mem_kib // 1024:>8} {d.cpu_node_pct:>9.1f} {d.cpu_vcpu_pct:>9.1f}")
