@@ -10,6 +10,7 @@ import pytest
 
 from enersis.arbiter import config as arbiter_config
 from enersis.arbiter.legacy import LegacyFormatError, parse, to_toml
+from enersis.arbiter.policy import Params
 from enersis.cli import main as cli_main
 
 # The sample file from the thesis (SEED.md), byte for byte.
@@ -123,3 +124,17 @@ def test_arbiter_toml_errors_are_clear(tmp_path):
     cfg = arbiter_config.parse({"arbiter": {"policy": "enersis-hysteresis", "frontend": "fe"},
                                 "policy": {"reserve_nodes": 2}, "nodes": {"fe": {}}}, with_broker=False)
     assert cfg.params.reserve_nodes == 2 and cfg.frontend == "fe"
+    # Live nodes keep a memory margin by default; the pure policy's default (the simulator's model) is 0.
+    assert cfg.params.mem_headroom_pct == 10 and Params().mem_headroom_pct == 0
+    cfg = arbiter_config.parse({"policy": {"mem_headroom_pct": 0}}, with_broker=False)
+    assert cfg.params.mem_headroom_pct == 0
+
+
+def test_policy_table_takes_floats_for_float_fields_and_ints_for_counts():
+    from enersis.common.config import ConfigError
+
+    cfg = arbiter_config.parse({"policy": {"margin_pct": 2.5, "panic_pct": 97, "consolidate_pct": 40.5}},
+                               with_broker=False)
+    assert (cfg.params.margin_pct, cfg.params.panic_pct, cfg.params.consolidate_pct) == (2.5, 97, 40.5)
+    with pytest.raises(ConfigError, match="reserve_nodes must be an integer"):
+        arbiter_config.parse({"policy": {"reserve_nodes": 1.5}}, with_broker=False)

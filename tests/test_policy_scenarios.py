@@ -250,3 +250,20 @@ def test_params_validation():
         Params(upper_pct=10, lower_pct=20).validate()
     Params().validate()
     Params(policy="enersis-hysteresis").validate()
+
+
+def test_hysteresis_consolidates_a_lightly_loaded_node_onto_busier_ones():
+    mid = (30, 30)
+    s = snap([node("a", 300, history=mid), node("b", 400, history=(40, 40)), node("c", 600, history=(60, 60))],
+             [vm("v1", "a", 200), vm("v2", "a", 100), vm("x", "b", 400), vm("y", "c", 600)])
+    intents = decide(s, HYST, 0)
+    # a (30 %) is above lower_pct but below consolidate_pct (50): its VMs fit on the busier nodes, one at a time.
+    [m] = [i for i in intents if isinstance(i, Migrate)]
+    assert m.source == "a" and m.vm == "v1" and m.target == "b" and "consolidated" in m.reason
+    off = replace_params(HYST, consolidate_pct=0)
+    assert decide(s, off, 0) == []
+
+
+def replace_params(p, **kw):
+    from dataclasses import replace
+    return replace(p, **kw)

@@ -40,6 +40,8 @@
     [policy]                      # enersis-hysteresis tuning (see policy.Params)
     sustain_cycles = 3
     reserve_nodes = 1
+    consolidate_pct = 50          # also empty nodes below this when busier nodes can take all their VMs
+    mem_headroom_pct = 10         # default here 10 (host OS + QEMU overhead); the pure policy's default is 0
 
     [nodes."node-1"]              # optional: nodes known before they first report
     address = "192.168.1.2"       # informational (power.toml is where wake/shutdown details live)
@@ -59,6 +61,8 @@ from enersis.common.messages import NAME_RE
 
 from .planner import PlannerSettings
 from .policy import Params
+
+LIVE_MEM_HEADROOM_PCT = 10.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,9 @@ def parse(data: dict[str, Any], *, with_broker: bool = True) -> ArbiterConfig:
     for k in ("policy", "upper_pct", "lower_pct", "cycle_s"):
         if k in arb:
             values[k] = arb[k]
+    # A live node's reported memory also feeds its own OS and QEMU's overhead: keep a margin unless told
+    # otherwise (the pure Params default of 0 is the simulator's model, where RAM is all for VMs).
+    values["mem_headroom_pct"] = LIVE_MEM_HEADROOM_PCT
     for k, v in pol.items():
         default = getattr(Params(), k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int) and not isinstance(v, int)):
