@@ -29,7 +29,7 @@ from enersis.common.messages import (
     WakeNode,
 )
 
-from .arbiter_fakes import config, domain, telemetry
+from .test_arbiter_fakes import config, domain, telemetry
 from .conftest import wait_for
 
 pytestmark = pytest.mark.broker

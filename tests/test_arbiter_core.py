@@ -23,7 +23,7 @@ from enersis.common.messages import (
     UndrainNode,
 )
 
-from .arbiter_fakes import FakeBus, FakeClock, Ids, config, domain, telemetry
+from .test_arbiter_fakes import FakeBus, FakeClock, Ids, config, domain, telemetry
 
 
 def make(tmp_path=None, **kw):

@@ -27,7 +27,7 @@ from enersis.arbiter.service import Arbiter
 from enersis.arbiter.store import StateFile
 from enersis.common.messages import CommandResult, DrainNode, MigrateVm, PinVm, ShutdownNode, UndrainNode, WakeNode
 
-from .arbiter_fakes import FakeBus, FakeClock, Ids, config, domain, telemetry
+from .test_arbiter_fakes import FakeBus, FakeClock, Ids, config, domain, telemetry
 
 NODES = ["n0", "n1", "n2", "n3", "n4"]
 VMS = [f"v{i}" for i in range(8)]

@@ -1,4 +1,4 @@
-"""Hand-written fakes and builders shared by the arbiter tests (no mocks)."""
+"""Hand-written fakes and builders shared by the arbiter tests (no mocks; this module holds no tests)."""
 
 from __future__ import annotations
 
