@@ -397,3 +397,22 @@ def test_queued_old_reports_do_not_make_a_dead_node_look_alive():
     feed(arb, clock, "b", 50, [domain("w", 50)], seq=2)
     arb.step(full=True)
     assert bus.of("ShutdownNode") == []  # warm now, but a stale node is never shut down
+
+
+def test_a_restarted_arbiter_is_ready_after_one_round_of_reports(tmp_path):
+    """Rebuilt within 2 publish intervals: every node reports once per interval, and that is all it needs."""
+    arb, bus, clock = make(tmp_path, warmup_s=10)
+    for n in ("a", "b", "c"):
+        feed(arb, clock, n, 50, [domain(f"{n}-vm", 50)])
+    arb.step(full=True)
+    clock.advance(30)
+    arb2 = Arbiter(config(warmup_s=10), FakeBus(), clock=clock, new_id=Ids("2"), store=StateFile(tmp_path / "state.json"))
+    assert not arb2.warm(clock())  # knows a, b and c were up: waits for them
+    for i, n in enumerate(("a", "b", "c")):
+        clock.advance(1.5)  # one 5 s publish interval, spread over the nodes
+        assert not arb2.warm(clock())
+        feed(arb2, clock, n, 95 if n == "c" else 20, [domain(f"{n}-vm", 60), domain(f"{n}-vm2", 35)] if n == "c"
+             else [domain(f"{n}-vm", 20)], seq=2)
+    assert arb2.warm(clock())  # 4.5 s after the first report, well within 2 intervals (10 s)
+    arb2.step()
+    assert [m.vm for m in arb2.bus.of("MigrateVm")] == ["c-vm2"]
