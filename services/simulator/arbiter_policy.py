@@ -78,7 +78,10 @@ class ArbiterPolicy:
         cpu = np.where(st.vm_mig, st.vm_alloc / 0.9, st.vm_alloc).tolist()  # what telemetry measures
         hosts = sim.v_host.tolist()
         ram = sim.c.vm_ram.astype(int).tolist()
+        alive = sim.v_alive.tolist()
         for v in range(sim.V):
+            if not alive[v]:
+                continue  # cloudsim model: CloudSim dropped it as "completed"; no telemetry reports it
             t = targets.get(v)
             vms.append(VmView(name=vn[v], node=hn[hosts[v]], cpu=cpu[v], mem_mib=ram[v], busy=busy[v],
                               target=hn[t] if t is not None else ""))

@@ -79,8 +79,11 @@ _LR_W_NEWEST_FIRST = _LR_W[::-1].copy()
 
 
 def _watts(table: np.ndarray, util: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-    """Power as the placement sees it: a host at 0 % is off and draws nothing."""
-    return np.where(util > 0, power_at(table, util, rows), 0.0)
+    """Power as the placement sees it: PowerModelSpecPower.getPower, whose value at 0 % is the
+    host's idle power.  Only the energy accounting treats a host idle at the start of an
+    interval as off (0 W); the placement never does, so waking an empty host costs just the
+    step from idle to its new load."""
+    return power_at(table, util, rows)
 
 
 # ---------------------------------------------------------------- overload detectors
@@ -219,7 +222,8 @@ class MigrationPolicy:
         alloc = np.zeros(H)
         ram = np.zeros(H)
         n = np.zeros(H, dtype=np.int64)
-        p_now = np.zeros(H)  # nothing has run yet: every host is at 0 %, i.e. off
+        # host.getPower() before any update: utilisation 0, i.e. the idle power of the table.
+        p_now = c.power[:, 0].copy()
         placement = np.full(V, -1, dtype=np.int64)
         # No history yet: every adaptive detector falls back to the static 0.7.
         threshold = getattr(self.detector, "threshold", FALLBACK_THRESHOLD)
@@ -256,9 +260,8 @@ class MigrationPolicy:
         vtail = (vm_hist[:, LR_LENGTH - 1:] != 0).any(axis=1)
         tail_nz = (host_hist[:, LR_LENGTH - 1:] != 0).any(axis=1)
         # host.getPower() is read from the last update, not from the scratch
-        # state, so a host that already took a VM this round looks dearer.  A
-        # host idle at the last update is off and draws 0 W: waking it costs
-        # its whole power, idle part included.
+        # state, so a host that already took a VM this round looks dearer
+        # (its "after" utilisation counts the scratch VMs, its "now" does not).
         p_last = _watts(c.power, util_last, None)
 
         def create(v: int, h: int) -> None:
@@ -333,11 +336,12 @@ class MigrationPolicy:
 
         # Under-utilised hosts, least utilised first, evacuated all-or-nothing.
         switched_off = util_last == 0
-        # A host that just took VMs from an overloaded one is not evacuated in
-        # the same round (it would send them on a second hop).
+        # CloudSim 3.0.3 means to exclude the hosts that just took VMs from the
+        # overloaded ones, but reads them from the under-utilised phase's own
+        # (still empty) migration map, so they stay candidates: such a host can
+        # be evacuated in the same round, sending a VM placed a moment ago on a
+        # second hop (two migrations of one VM, both counted).
         excl_under = over | switched_off
-        for _, t in migration_map:
-            excl_under[t] = True
         excl_place = over | switched_off
         cand = np.flatnonzero(~excl_under & (util_last > 0) & (util_last < 1))
         order = cand[np.lexsort((cand, util_last[cand]))]

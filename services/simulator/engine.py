@@ -188,6 +188,8 @@ class Simulation:
         for v in range(V):
             self.h_vms[int(self.v_host[v])].append(v)
         self.v_out = np.zeros(V, dtype=bool)
+        self.v_alive = np.ones(V, dtype=bool)  # cloudsim: False once CloudSim took the VM for "completed"
+        self.removed_log: list[tuple[float, int, int]] = []  # (time, vm, host)
         self.v_queued = np.zeros(V, dtype=bool)  # realistic: waiting for its target to boot
         self.mig_in: list[_Migration] = []
         self.queue: dict[int, list[int]] = {}  # realistic: host -> VMs waiting for it to boot
@@ -341,7 +343,29 @@ class Simulation:
         self.entry_t = t
         self.entry_active = st.active
         self.prev = st
+        if self.model == "cloudsim":
+            self._remove_completed(st)
         return st
+
+    def _remove_completed(self, st: _State) -> None:
+        """PowerDatacenter's "remove completed VMs", after every datacenter update.
+
+        HostDynamicWorkload.getCompletedVms takes any VM not in migration whose
+        requested MIPS is exactly 0 for finished, and the datacenter deallocates
+        it for good.  A PlanetLab VM asks for 0 MIPS when two consecutive trace
+        samples are 0, so on 20110303 about half the VMs leave the experiment
+        during the day (CloudSim issues #64 and #159 report the shrinking list).
+        This is part of CloudSim's published numbers, so the cloudsim model does
+        it; the realistic model never drops a VM.  The VM is gone after this
+        instant: its trace is zeroed so that it asks for nothing from now on.
+        """
+        gone = np.flatnonzero((st.req == 0.0) & self.v_alive & ~self.v_out)
+        for v in gone.tolist():
+            h = int(self.v_host[v])
+            self.h_vms[h].remove(v)
+            self.v_alive[v] = False
+            self.util_trace[v, :] = 0.0
+            self.removed_log.append((st.t, v, h))
 
     def _commit_entry(self) -> None:
         self.transitions_off += int((self.final_active & ~self.entry_active).sum())
@@ -429,7 +453,7 @@ class Simulation:
 
     def _start_migration(self, v: int, h: int, t: float) -> bool:
         """Host.addMigratingInVm + the VM_MIGRATE event RAM / (bandwidth / 2) later."""
-        if h == self.v_host[v] or self.h_pstate[h] != ON or not self._fits(v, h):
+        if h == self.v_host[v] or self.h_pstate[h] != ON or not self.v_alive[v] or not self._fits(v, h):
             self.rejected += 1
             return False
         if self.model == "realistic" and self.v_out[v]:
@@ -514,16 +538,18 @@ class Simulation:
     def _cloudsim_optimize(self, st: _State) -> list[tuple[int, int]]:
         c = self.c
         H, V = self.H, self.V
-        busy = self.v_out | self.v_queued
+        busy = self.v_out | self.v_queued | ~self.v_alive
         host = self.v_host
+        alive = self.v_alive
         capped = np.minimum(st.req, c.pe[host])
         host_alloc = np.bincount(host, capped, H)
-        host_ram = np.bincount(host, c.vm_ram, H)
-        host_n = np.bincount(host, minlength=H).astype(np.int64)
+        host_ram = np.bincount(host, c.vm_ram * alive, H)
+        host_n = np.bincount(host, alive.astype(np.int64), H).astype(np.int64)
         k = self.step_k
         n_hist = min(k, HISTORY_LENGTH)
         vm_hist = np.zeros((V, HISTORY_LENGTH))
         vm_hist[:, :n_hist] = self.step_util[:, k:k - n_hist:-1] * c.vm_mips[:, None]
+        vm_hist[~alive] = 0.0  # a removed VM is in no host's history
         host_hist = np.zeros((H, HISTORY_LENGTH))
         np.add.at(host_hist, host, vm_hist)
         host_req = st.requested.copy()
