@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -238,7 +239,6 @@ def bench_reaction(n_nodes: int, vms_per_node: int, trials: int, fsync: bool = T
     env = {k: v for k, v in os.environ.items() if k != "ENERSIS_AMQP_URL"}
     proc = subprocess.Popen([sys.executable, "-m", "enersis.cli", "--log-level", os.environ.get("BENCH_ARBITER_LOG", "WARNING"), "arbiter", "--config",
                              str(tmp / "arbiter.toml")], env=env, stderr=open(tmp / "arbiter.log", "w"))
-    print(f"  arbiter log: {tmp / 'arbiter.log'}")
     agent = Publisher(settings("agent"), "bench-agent")
     mp = multiprocessing.get_context("spawn")
     bg_stop = mp.Event()
@@ -311,6 +311,7 @@ def bench_reaction(n_nodes: int, vms_per_node: int, trials: int, fsync: bool = T
         except Exception:
             pass
         api(info, "DELETE", f"vhosts/{urllib.parse.quote(vhost, safe='')}")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:

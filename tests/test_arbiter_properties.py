@@ -14,6 +14,7 @@ invariants are checked against the world's truth, not the arbiter's belief:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class ArbiterWorld(RuleBasedStateMachine):
         self.seq = 0
         self.policy = "enersis-2012"
         self.arb = self._arbiter()
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _arbiter(self) -> Arbiter:
         cfg = config(params=Params(policy=self.policy, cycle_s=10, sustain_cycles=1, reserve_nodes=0),
