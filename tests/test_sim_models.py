@@ -184,3 +184,97 @@ def test_ram_limits_migrations_only_in_the_realistic_model(model, ram_limits, mo
                      realistic=RealisticParams(ram_limits=ram_limits), vm_mips=np.array([1000.0, 1000.0]),
                      vm_ram=np.array([2500.0, 2500.0]))
     assert sim.run().migrations == moves
+
+
+# ---------------------------------------------------------------- mechanisms read from CloudSim 3.0.3's source
+
+
+def test_cloudsim_drops_a_vm_that_asks_for_nothing_and_never_brings_it_back():
+    # PowerDatacenter removes "completed" VMs after each update: any VM not in
+    # migration whose requested MIPS is exactly 0.  VM 1's trace starts 0, 0, 0
+    # and only then rises to 50 %: at 300.1 s it asks for 0 and is gone for good.
+    util = constant(50, 50)
+    util[1, :3] = 0.0
+    sim = Simulation(util, [ML110_G5], NoMigrationPolicy("dvfs"), vm_mips=np.array([1000.0, 1000.0]),
+                     vm_ram=np.array([870.0, 870.0]))
+    r = sim.run()
+    assert sim.removed_log == [(pytest.approx(T1), 1, 0)]
+    assert r.energy_kwh == pytest.approx(g5(500 / 5320) * (T_END - T1) / 3.6e6, rel=1e-6)
+    # A real VM does not vanish at 0 % CPU: the realistic model keeps it and pays for its load.
+    real = Simulation(util, [ML110_G5], NoMigrationPolicy("dvfs"), model="realistic",
+                      vm_mips=np.array([1000.0, 1000.0]), vm_ram=np.array([870.0, 870.0]))
+    rr = real.run()
+    assert real.removed_log == [] and real.v_alive.all()
+    assert rr.energy_kwh > r.energy_kwh
+
+
+def _optimize(types, placement, vm_mips, req, vm_ram, second_hops=True):
+    """One optimizeAllocation of thr-mmt-0.8 on a hand-made cluster (no migration in flight)."""
+    from enersis.simulator.cloudsim import Cluster
+
+    H = len(types)
+    placement = np.array(placement)
+    req = np.array(req, dtype=float)
+    total = np.array([t.mips for t in types])
+    c = Cluster(total=total, pe=np.array([t.pe_mips for t in types]), ram_cap=np.full(H, np.inf),
+                vm_slots=np.full(H, 10**9), power=power_table(types), vm_ram=np.array(vm_ram, dtype=float),
+                vm_mips=np.array(vm_mips, dtype=float))
+    alloc = np.bincount(placement, req, H)
+    V = len(vm_mips)
+    return CLOUDSIM_POLICIES["thr-mmt-0.8"]().optimize(
+        c, [list(np.flatnonzero(placement == h)) for h in range(H)], np.zeros(V, dtype=bool), alloc / total, req,
+        alloc.copy(), alloc.copy(), total - alloc, np.bincount(placement, c.vm_ram, H),
+        np.bincount(placement, minlength=H), np.zeros((V, 30)), np.zeros((H, 30)), second_hops=second_hops)
+
+
+def test_placement_prices_an_empty_host_from_its_idle_power():
+    # Host 0 is overloaded (4600 / 5320 > 0.8); minimum migration time moves VM 0 (least RAM, 600 MIPS).
+    # Host 1 is at 45 %: P(0.5628) - P(0.45) = 119.14 - 113 = 6.14 W.  Host 2 is empty: CloudSim's
+    # host.getPower() is the idle 93.7 W, so waking it costs P(0.1128) - 93.7 = 3.81 W and wins.
+    # (Priced at 0 W while idle, host 2 would cost 97.5 W and VM 0 would go to host 1.)
+    moves = _optimize([ML110_G5] * 3, [0, 0, 0, 1], [1000, 2500, 2500, 2500], [600, 2000, 2000, 2394],
+                      [613, 1740, 1740, 870])
+    assert moves == [(0, 2)]  # host 1 cannot be evacuated: its 2394 MIPS fit nowhere but on host 0 or 2
+
+
+def test_a_host_that_just_took_a_vm_can_be_evacuated_in_the_same_round():
+    # Host 0 (4500 / 5320) sheds VM 0 (2250 MIPS) to host 1 (10 %, +20.1 W; host 3 at 30 % would be +20.9 W,
+    # host 2 has 2128 MIPS free).  CloudSim then picks host 1, the least utilised at the last update, as
+    # under-utilised — it reads the "already a target" hosts from an empty list — and moves VM 0 on to
+    # host 3 and VM 2 to host 2: two migrations of VM 0 in one round.
+    args = ([ML110_G5] * 4, [0, 0, 1, 2, 2, 3], [2500, 2500, 1000, 2000, 2000, 2000],
+            [2250, 2250, 532, 1596, 1596, 1596], [870, 1740, 1740, 1740, 1740, 1740])
+    assert _optimize(*args) == [(0, 1), (0, 3), (2, 2)]
+    # As CloudSim's comment intends (the realistic model's planning): host 1 is left alone.
+    assert _optimize(*args, second_hops=False) == [(0, 1)]
+
+
+class _MoveTwice:
+    """A hand-written policy: at the first interval, send VM 0 to host 1 and at once to host 2."""
+
+    name = "move-twice"
+    migrations = True
+
+    def __init__(self):
+        self.done = False
+
+    def initial_placement(self, c):
+        return np.zeros(c.vm_mips.shape[0], dtype=np.int64)
+
+    def step(self, sim, st, t):
+        if not self.done:
+            self.done = True
+            sim.migrate(0, 1, t)
+            sim.migrate(0, 2, t)
+
+
+def test_cloudsim_model_carries_out_both_hops_and_counts_both():
+    sim = Simulation(constant(30), [ML110_G5] * 3, _MoveTwice(), vm_mips=np.array([1000.0]),
+                     vm_ram=np.array([870.0]))
+    r = sim.run()
+    assert r.migrations == 2 and sim.v_host.tolist() == [2]
+    # The realistic executor moves a VM once at a time and refuses the second command.
+    real = Simulation(constant(30), [ML110_G5] * 3, _MoveTwice(), model="realistic",
+                      realistic=RealisticParams(boot_s=0.0), vm_mips=np.array([1000.0]), vm_ram=np.array([870.0]))
+    rr = real.run()
+    assert rr.migrations <= 1 and rr.rejected >= 1

@@ -247,13 +247,16 @@ class MigrationPolicy:
     def optimize(self, c: Cluster, lists: list[list[int]], busy: np.ndarray, util_last: np.ndarray,
                  req: np.ndarray, host_alloc: np.ndarray, host_reqsum: np.ndarray, host_avail: np.ndarray,
                  host_ram: np.ndarray, host_n: np.ndarray, vm_hist: np.ndarray, host_hist: np.ndarray,
-                 ) -> list[tuple[int, int]]:
+                 second_hops: bool = True) -> list[tuple[int, int]]:
         """The migration map [(vm, target host)] for this scheduling interval.
 
         Arrays describe the allocation at this instant and are modified in
         place as a scratch copy (CloudSim saves and restores its allocation).
         `vm_hist` (V, 30) is each VM's utilisation history times its MIPS,
         newest first; `host_hist` (H, 30) its sum over the host's VMs.
+        `second_hops=False` plans as CloudSim's own comment intends (a host that
+        took VMs from an overloaded one is not evacuated in the same round):
+        the realistic model's executor moves a VM once at a time.
         """
         d = self.detector
         total = c.total
@@ -343,6 +346,9 @@ class MigrationPolicy:
         # second hop (two migrations of one VM, both counted).
         excl_under = over | switched_off
         excl_place = over | switched_off
+        if not second_hops:
+            for _, t in migration_map:
+                excl_under[t] = True
         cand = np.flatnonzero(~excl_under & (util_last > 0) & (util_last < 1))
         order = cand[np.lexsort((cand, util_last[cand]))]
         for h in order:

@@ -575,4 +575,4 @@ class Simulation:
             # a host that is not on cannot be evacuated or counted as a running target
             util_last = np.where(self.h_pstate == ON, util_last, 0.0)
         return self.policy.optimize(self.c_move, lists, busy, util_last, st.req, host_alloc, host_req, avail, host_ram,
-                                    host_n, vm_hist, host_hist)
+                                    host_n, vm_hist, host_hist, second_hops=self.model == "cloudsim")
