@@ -6,7 +6,11 @@ findHostForVm), the overload detectors (StaticThreshold, InterQuartileRange,
 MedianAbsoluteDeviation, LocalRegression, each with the 0.7 static fallback),
 PowerVmSelectionPolicyMinimumMigrationTime and the host utilisation history of
 PowerHostUtilizationHistory.  Where CloudSim has a quirk that shapes its
-published numbers, the quirk is kept and a comment says so.
+published numbers, the quirk is kept and a comment says so.  Read against
+CloudSim 3.0.3's source: power deltas are P(after) - P(last update) with the
+SPECpower table's idle value at 0 % (the placement never sees a host as 0 W),
+"after" counts the VMs placed earlier in the same round, and the hosts that
+took VMs from overloaded ones remain under-utilisation candidates.
 
 Pure computation: the engine hands in arrays, gets back a migration map.
 """

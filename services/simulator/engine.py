@@ -3,7 +3,10 @@
 Two models share this engine:
 
 - ``cloudsim``: CloudSim 3.0.3's PowerDatacenter.  A host idle at the start
-  of an interval draws nothing, waking and powering off are free and instant.
+  of an interval draws nothing, waking and powering off are free and instant,
+  and a VM that asks for exactly 0 MIPS at an update is taken for "completed"
+  and removed for the rest of the day (CloudSim's getCompletedVms; PlanetLab
+  VMs do this at two consecutive zero samples, about half of them a day).
 - ``realistic``: what the live system pays.  A host is on, off, booting or
   shutting down; off draws `off_w`, booting and shutting down draw power and
   take time; a VM can only move to a host once it has booted (wake, wait,
