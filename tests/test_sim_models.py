@@ -198,13 +198,13 @@ def test_cloudsim_drops_a_vm_that_asks_for_nothing_and_never_brings_it_back():
     sim = Simulation(util, [ML110_G5], NoMigrationPolicy("dvfs"), vm_mips=np.array([1000.0, 1000.0]),
                      vm_ram=np.array([870.0, 870.0]))
     r = sim.run()
-    assert sim.removed_log == [(pytest.approx(T1), 1, 0)]
+    assert sim.removed_log == [(pytest.approx(T1), 1, 0)] and r.dropped == 1
     assert r.energy_kwh == pytest.approx(g5(500 / 5320) * (T_END - T1) / 3.6e6, rel=1e-6)
     # A real VM does not vanish at 0 % CPU: the realistic model keeps it and pays for its load.
     real = Simulation(util, [ML110_G5], NoMigrationPolicy("dvfs"), model="realistic",
                       vm_mips=np.array([1000.0, 1000.0]), vm_ram=np.array([870.0, 870.0]))
     rr = real.run()
-    assert real.removed_log == [] and real.v_alive.all()
+    assert real.removed_log == [] and real.v_alive.all() and rr.dropped == 0
     assert rr.energy_kwh > r.energy_kwh
 
 

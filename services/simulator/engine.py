@@ -75,6 +75,7 @@ class Result:
     fluid_kwh: float = 0.0
     npa_kwh: float = 0.0
     rejected: int = 0
+    dropped: int = 0  # cloudsim model: VMs CloudSim removed as "completed" (asked for 0 MIPS)
     series_t: list[float] = field(default_factory=list)
     series_active: list[int] = field(default_factory=list)
     series_power_w: list[float] = field(default_factory=list)
@@ -254,7 +255,7 @@ class Simulation:
             hosts=H, vms=V,
             runtime_s=round(time.perf_counter() - began, 3), policy=self.policy.name, model=self.model,
             trace=self.trace, boots=self.boots, fluid_kwh=self.fluid_j / 3.6e6,
-            npa_kwh=float(self.pmax.sum()) * t / 3.6e6, rejected=self.rejected,
+            npa_kwh=float(self.pmax.sum()) * t / 3.6e6, rejected=self.rejected, dropped=len(self.removed_log),
             series_t=self.series_t, series_active=self.series_active, series_power_w=self.series_power)
 
     def _acts(self) -> bool:

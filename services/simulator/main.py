@@ -1,7 +1,8 @@
 """Simulate a day of PlanetLab traces under a policy: energy, migrations and SLA metrics.
 
 Models: `cloudsim` reproduces CloudSim 3.0.3's power-aware PlanetLab
-experiment (idle hosts are free, power changes are instant); `realistic`
+experiment (idle hosts are free, power changes are instant, and a VM that
+asks for 0 MIPS is dropped for the rest of the day, as CloudSim does); `realistic`
 charges what a live cluster pays (power while off, booting and shutting
 down; wake, wait for boot, migrate; power off only empty hosts).
 
@@ -79,6 +80,9 @@ def summary(r: Result) -> str:
         f"  host shutdowns{r.host_shutdowns:10d}   boots: {r.boots}   commands refused by the model: {r.rejected}",
         f"  runtime       {r.runtime_s:10.2f} s",
     ]
+    if r.dropped:
+        lines.insert(1, f"  {r.dropped} of the {r.vms} VMs asked for 0 MIPS at some point and were dropped"
+                        " for the rest of the day, as CloudSim 3.0.3 does (cloudsim model only)")
     return "\n".join(lines)
 
 
