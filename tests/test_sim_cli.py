@@ -105,3 +105,19 @@ def test_one_full_day_of_a_cheap_policy():
     r = simulate(DAY, "npa")
     assert r.vms == 1052 and r.hosts == 800
     assert r.energy_kwh == pytest.approx(2410.80, abs=0.01)  # the issue's CloudSim figure
+
+
+@needs_traces
+def test_dvfs_full_day_matches_cloudsims_figure():
+    # First fit at creation, no migrations, and CloudSim's dropping of the VMs that ask for 0 MIPS
+    # (532 of 1052 on this day): together they give CloudSim's 802.75 kWh.
+    r = simulate(DAY, "dvfs")
+    assert r.dropped == 532
+    assert r.energy_kwh == pytest.approx(802.75, abs=0.01)  # the issue's CloudSim figure
+
+
+@needs_traces
+def test_a_migration_policy_full_day_within_the_issues_tolerances():
+    r = simulate(DAY, "thr-mmt-0.8")
+    assert r.energy_kwh == pytest.approx(192.62, rel=0.05)  # CloudSim 3.0.3: 192.62 kWh, 26 711 migrations
+    assert r.migrations == pytest.approx(26711, rel=0.10)
