@@ -206,7 +206,7 @@ def test_operator_commands_and_the_readme_json_against_the_running_cluster(demo,
     # Exactly what the README says to paste into the management UI, with this cluster's names.
     settle(demo)
     key, envelope = readme_ui_json()
-    source = online[0]
+    source = max(online, key=lambda n: (len([d for d in view.nodes[n].vms if d.running]), n))
     vm = sorted(d.name for d in view.nodes[source].telemetry.domains if d.running)[0]
     assert view.where_is(vm, now_ms()) == source
     envelope["body"].update(vm=vm, source=source, target=target, command_id=f"ui-{uuid.uuid4().hex[:8]}")
