@@ -21,7 +21,6 @@ from enersis.common.codec import decode
 from enersis.common.messages import CommandResult, DomainSample, NodeTelemetry
 from enersis.ops import connect as ops_connect
 
-from .conftest import wait_for
 
 pytestmark = pytest.mark.broker
 

@@ -32,6 +32,7 @@ log = logging.getLogger("enersis.demo.cluster")
 REPO = Path(__file__).resolve().parent.parent.parent
 LAB = REPO / "deploy" / "lab"
 BROKER_SCRIPT = REPO / "deploy" / "rabbitmq" / "broker.py"
+DEFAULT_RUN_BASE = Path("/var/lib/enersis-demo")
 ROLES = ("agent", "power", "arbiter", "operator")
 
 
@@ -225,6 +226,10 @@ class Layout:
                 f"{shlex.quote(str(self.cluster))} {node} off --force")
 
     def write(self) -> None:
+        if self.run.parent == DEFAULT_RUN_BASE:
+            # sshd (StrictModes) refuses keys below a group- or world-writable folder, whatever the umask.
+            DEFAULT_RUN_BASE.mkdir(parents=True, exist_ok=True)
+            os.chmod(DEFAULT_RUN_BASE, 0o755)
         self.run.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run, 0o700)
         for sub in (self.secrets, self.logs, self.run / "arbiter"):

@@ -42,7 +42,7 @@ from enersis.common.codec import now_ms
 from enersis.common.config import BrokerSettings
 from enersis.ops.watch import BusWatcher
 
-from .cluster import BROKER_SCRIPT, LAB, REPO, BrokerInfo, DemoError, DemoSettings, Layout, Supervisor, check_ports, mac_for
+from .cluster import BROKER_SCRIPT, DEFAULT_RUN_BASE, LAB, REPO, BrokerInfo, DemoError, DemoSettings, Layout, Supervisor, check_ports, mac_for
 from .energy import PowerModel
 from .monitor import Monitor, summary_text
 
@@ -96,7 +96,7 @@ def settings_from(args: argparse.Namespace, trace_dir: str, run_dir: str) -> Dem
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     trace_dir = args.trace_dir or str(DEFAULT_TRACES)
-    run_dir = args.run_dir or f"/var/lib/enersis-demo/run-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.run_dir or str(DEFAULT_RUN_BASE / f"run-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         s = settings_from(args, trace_dir, run_dir)
         validate(s)

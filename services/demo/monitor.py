@@ -167,7 +167,7 @@ def summary_text(s: dict[str, Any]) -> str:
         f"  wakes            {s['wakes']} succeeded, {s['wakes_failed']} failed or refused",
         f"  shutdowns        {s['shutdowns']} succeeded, {s['shutdowns_failed']} failed or refused",
         f"  SLA violations   {s['sla_reports']} of {s['telemetry_reports']} node reports at >= {s['sla_pct']:g}% CPU",
-        f"  node-hours       " + ", ".join(f"{k} {v}" for k, v in s["node_hours_by_state"].items()),
+        "  node-hours       " + ", ".join(f"{k} {v}" for k, v in s["node_hours_by_state"].items()),
     ]
     if "vms_lost" in s:
         lost = s["vms_lost"]
