@@ -231,7 +231,12 @@ def test_operator_commands_and_the_readme_json_against_the_running_cluster(demo,
     assert cli_main(["send", "migrate", vm, "--to", "node-77", "--config", demo.operator_toml]) == 2
     err = capsys.readouterr().err
     assert "vm-99" in err and "node-77" in err
-    # Maintenance: drain the source (its VMs go to the woken node), then give it back.
+    # A node the power service does not know: its refusal, with the reason, and exit 1.
+    assert cli_main(["send", "wake", "node-77", "--config", demo.operator_toml, "--timeout", "30"]) == 1
+    assert "rejected: WakeNode node=node-77 - node-77 is not in this power service's inventory" in capsys.readouterr().out
+    # Maintenance: drain the source (its VMs go to the woken node), then give it back.  The arbiter
+    # leaves a VM an operator moved alone for a while; `unpin` hands it back at once.
+    assert cli_main(["send", "unpin", vm, "--config", demo.operator_toml, "--timeout", "30"]) == 0
     code = cli_main(["send", "drain", source, "--config", demo.operator_toml, "--timeout", "60"])
     out = capsys.readouterr().out
     assert code == 0, out
