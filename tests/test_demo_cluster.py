@@ -135,9 +135,10 @@ def demo(broker, tmp_path_factory):
         d.wait_live()
         d.watcher = BusWatcher(settings, connect_timeout_s=20).open()
         d.events: list[tuple[str, str, str]] = []  # (kind, status, node) of results, in order
+        d.results: list = []
         d.watcher.listeners.append(
-            lambda env: d.events.append((env.message.command_kind, env.message.status, env.message.node))
-            if env.kind == "CommandResult" else None)
+            lambda env: (d.events.append((env.message.command_kind, env.message.status, env.message.node)),
+                         d.results.append(env.message)) if env.kind == "CommandResult" else None)
         d.operator_toml = str(run_dir / "operator.toml")
         yield d
     finally:
@@ -155,9 +156,8 @@ def test_the_arbiter_wakes_a_node_under_load_and_powers_nodes_off_when_idle(demo
     pump_until(demo, lambda: ("WakeNode", "succeeded", "node-3") in demo.events, 60, "the arbiter to wake node-3")
     pump_until(demo, lambda: any(k == "ShutdownNode" and s == "succeeded" for k, s, _ in demo.events), 60,
                "the arbiter to power a node off once the load dropped")
-    wake = demo.events.index(("WakeNode", "succeeded", "node-3"))
-    migrations = [e for e in demo.events[:wake + 20] if e[0] == "MigrateVm" and e[1] == "succeeded"]
-    assert migrations, "a VM moved to the woken node"
+    assert any(r.command_kind == "MigrateVm" and r.status == "succeeded" and r.details.get("target") == "node-3"
+               for r in demo.results), "a VM moved to the woken node"
 
 
 def settle(demo) -> None:
