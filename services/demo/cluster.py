@@ -48,7 +48,7 @@ class DemoSettings:
     duration_s: float = 180.0
     trace_dir: str = ""
     powered_off: int = 0  # how many nodes start powered off (the last ones)
-    vm_vcpus: int = 1
+    vm_vcpus: int = 2
     vm_mem_mib: int = 1024
     node_cpus: int = 4
     node_mem_mib: int = 16384
