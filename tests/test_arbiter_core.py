@@ -91,14 +91,18 @@ def test_success_moves_the_vm_and_an_older_report_does_not_bring_it_back():
 
 
 def test_failures_are_retried_a_bounded_number_of_times():
-    arb, bus, clock = make(commands=CommandSettings(max_retries=2, retry_hold_s=600))
+    arb, bus, clock = make(commands=CommandSettings(max_retries=2, retry_hold_s=600, retry_backoff_s=10))
     feed(arb, clock, "a", 90, [domain("v1", 50), domain("v2", 40)])
     feed(arb, clock, "b", 20, [domain("w1", 20)])
     for attempt in range(2):
         arb.step(full=True)
         m = bus.of("MigrateVm")[-1]
         arb.on_result(result(m, "failed", "target refused", retryable=True), ms(clock))
-        clock.advance(1)
+        arb.step(full=True)
+        assert len(bus.of("MigrateVm")) == attempt + 1  # no retry at once: the view may be stale
+        clock.advance(10 * 2 ** attempt + 1)  # past the doubling backoff
+        feed(arb, clock, "a", 90, [domain("v1", 50), domain("v2", 40)], seq=attempt + 2)
+        feed(arb, clock, "b", 20, [domain("w1", 20)], seq=attempt + 2)
     arb.step(full=True)
     assert [m.vm for m in bus.of("MigrateVm")] == ["v2", "v2"]  # then held: v1, the most loaded, stays (2012 rule)
     assert arb.log.held("v2", clock())

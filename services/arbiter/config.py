@@ -29,6 +29,7 @@
     shutdown_timeout_s = 180
     max_retries = 3               # consecutive failed migrations of one VM before it is held
     retry_hold_s = 600
+    retry_backoff_s = 10          # wait before retrying a VM whose migration failed; doubles each time
     max_in_flight_migrations = 32
     manual_hold_s = 600           # a VM or node an operator moved or powered by hand is left alone this long
     quarantine_s = 3600           # a node that failed to wake is not woken again for this long
@@ -73,6 +74,7 @@ class CommandSettings:
     shutdown_timeout_s: float = 180.0
     max_retries: int = 3
     retry_hold_s: float = 600.0
+    retry_backoff_s: float = 10.0
     max_in_flight_migrations: int = 32
     manual_hold_s: float = 600.0
     quarantine_s: float = 3600.0

@@ -231,7 +231,8 @@ class Arbiter:
                 log.warning("migration of %s %s -> %s %s%s: %s", vm, source, target, msg.status, who, msg.reason)
                 if rec.ours:
                     self.log.record_failure(vm, msg.reason, now, max_retries=self.cfg.commands.max_retries,
-                                            hold_s=self.cfg.commands.retry_hold_s)
+                                            hold_s=self.cfg.commands.retry_hold_s,
+                                        backoff_s=self.cfg.commands.retry_backoff_s)
         elif rec.kind == WakeNode.KIND:
             node = rec.node or msg.node
             if msg.status == "succeeded":
@@ -523,7 +524,8 @@ class Arbiter:
             self.unconfirmed[rec.vm] = int(now * 1000)
             if rec.ours:
                 self.log.record_failure(rec.vm, "timed out", now, max_retries=self.cfg.commands.max_retries,
-                                        hold_s=self.cfg.commands.retry_hold_s)
+                                        hold_s=self.cfg.commands.retry_hold_s,
+                                        backoff_s=self.cfg.commands.retry_backoff_s)
         elif rec.kind == WakeNode.KIND:
             n = self.state.node(rec.node, now)
             if n.power != "online":
@@ -587,7 +589,8 @@ class Arbiter:
                 log.error("could not send %s %s (%s)", c.KIND, _summary(c), exc.reason)
                 if isinstance(c, MigrateVm) and exc.unroutable:
                     self.log.record_failure(c.vm, exc.reason, now, max_retries=self.cfg.commands.max_retries,
-                                            hold_s=self.cfg.commands.retry_hold_s)
+                                            hold_s=self.cfg.commands.retry_hold_s,
+                                        backoff_s=self.cfg.commands.retry_backoff_s)
                 continue
             self.stats["sent"] += 1
             if isinstance(c, WakeNode):

@@ -124,10 +124,14 @@ class CommandLog:
         f = self.failures.get(vm)
         return f is not None and now < f.held_until
 
-    def record_failure(self, vm: str, reason: str, now: float, *, max_retries: int, hold_s: float) -> Failures:
+    def record_failure(self, vm: str, reason: str, now: float, *, max_retries: int, hold_s: float,
+                       backoff_s: float = 0.0) -> Failures:
         f = self.failures.setdefault(vm, Failures())
         f.count += 1
         f.last_reason = reason
+        # A failure usually means our view was stale (the VM moved, a node went away):
+        # wait for fresher reports before the next try instead of retrying at once.
+        f.held_until = now + min(hold_s, backoff_s * 2 ** (f.count - 1))
         if f.count >= max_retries:
             f.held_until = now + hold_s
             f.count = 0
