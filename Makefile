@@ -11,11 +11,13 @@ PYTEST_ARGS ?=
 deps:
 	bash deploy/scripts/install-deps.sh
 
+# pip's build chatter goes to .venv/pip.log; it is shown only when the install fails.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plot]'
-	touch $@
+	@echo "preparing the virtualenv in $(VENV) (log: $(VENV)/pip.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@( $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[test,plot]' ) > $(VENV)/pip.log 2>&1 \
+	  || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log in $(VENV)/pip.log" >&2; exit 1; }
+	@touch $@
 
 venv: deps $(VENV)/.installed
 
