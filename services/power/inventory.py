@@ -18,7 +18,7 @@
     [nodes.node-1]
     mac = "52:54:00:12:34:01"
     address = "10.0.0.11"         # management address (SSH)
-    wol_broadcast = "10.0.0.255"  # where the magic packet goes (no default: never 255.255.255.255 by accident)
+    wol_broadcast = "10.0.0.255"  # where the magic packet goes (no default: never the all-ones limited broadcast by accident)
     wol_port = 9
     wol_source = "10.0.0.1"       # local IP to send from (picks the interface); optional
     ssh_user = "root"

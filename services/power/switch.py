@@ -2,8 +2,8 @@
 
 The real adapter sends Wake-on-LAN magic packets (wakeonlan) and runs the
 node's configured shutdown command over SSH (paramiko), trusting only host
-keys already in the node's known_hosts file (RejectPolicy, never
-AutoAddPolicy).  Nothing from a message reaches the remote command: it is
+keys already in the node's known_hosts file (RejectPolicy: an unknown host
+key is refused, never added).  Nothing from a message reaches the remote command: it is
 the inventory's shutdown_command, verbatim.
 """
 
