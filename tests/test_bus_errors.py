@@ -26,17 +26,23 @@ def _drain_dead_letters(broker, vhost):
         conn.close()
 
 
+def _power_consumer(broker, vhost, handler):
+    """A running consumer of the power queue as the `power` user, and its publisher."""
+    pub = Publisher(broker.settings("power", vhost), "power-test")
+    consumer = Consumer(broker.settings("power", vhost), pub, name="t")
+    consumer.subscribe(topology.Q_POWER, handler, allow_json=True)
+    consumer.start()
+    wait_for(consumer.ready.is_set, 15, what="consumer ready")
+    return pub, consumer
+
+
 @pytest.mark.broker
 def test_permanent_error_dead_letters_with_the_handlers_reason(broker, vhost):
     def handler(delivery):
         raise PermanentError(f"node {delivery.message.node} is not in the inventory")
 
-    pub = Publisher(broker.settings("power", vhost), "power-test")
-    consumer = Consumer(broker.settings("power", vhost), pub, name="t")
-    consumer.subscribe(topology.Q_POWER, handler, allow_json=True)
-    consumer.start()
+    pub, consumer = _power_consumer(broker, vhost, handler)
     try:
-        wait_for(consumer.ready.is_set, 15, what="consumer ready")
         Publisher(broker.settings("arbiter", vhost), "arbiter-test").publish(WakeNode(command_id="c1", node="ghost"))
         wait_for(lambda: broker.queue_depth(vhost, topology.Q_DEAD_LETTERS) == 1, 15, what="dead letter")
         (props,) = _drain_dead_letters(broker, vhost)
@@ -55,12 +61,8 @@ def test_temporary_errors_are_retried_until_the_delivery_limit_dead_letters_them
         attempts.append(delivery.redelivered)
         raise TemporaryError("hypervisor busy")
 
-    pub = Publisher(broker.settings("power", vhost), "power-test")
-    consumer = Consumer(broker.settings("power", vhost), pub, name="t")
-    consumer.subscribe(topology.Q_POWER, handler, allow_json=True)
-    consumer.start()
+    pub, consumer = _power_consumer(broker, vhost, handler)
     try:
-        wait_for(consumer.ready.is_set, 15, what="consumer ready")
         Publisher(broker.settings("arbiter", vhost), "arbiter-test").publish(WakeNode(command_id="c2", node="n1"))
         wait_for(lambda: broker.queue_depth(vhost, topology.Q_DEAD_LETTERS) == 1, 30, what="delivery-limit dead letter")
         (props,) = _drain_dead_letters(broker, vhost)

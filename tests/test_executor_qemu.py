@@ -21,11 +21,12 @@ from enersis.agent.hypervisor import MigrationTarget
 from enersis.agent.libvirt_migrator import LibvirtMigrator
 from enersis.common import topology
 from tests.conftest import wait_for
-from tests.test_executor_sim import (  # helpers, not tests
-    Executors,
-    ResultWatcher,
+from tests.test_executor_sim import (  # helpers and fixtures, not tests
     agent_process,
+    executors,  # noqa: F401  (fixture)
     migrate,
+    operator,  # noqa: F401  (fixture)
+    watcher,  # noqa: F401  (fixture)
     write_node_toml,
 )
 
@@ -74,29 +75,6 @@ def guest(libvirt_lab: Any, tmp_path: Path):
         if libvirt_lab.node_up(node):
             libvirt_lab.virsh(node, "destroy", name, check=False)
             libvirt_lab.virsh(node, "undefine", name, check=False)
-
-
-@pytest.fixture
-def executors(broker: Any, vhost: str):
-    ex = Executors(broker, vhost)
-    yield ex
-    ex.close()
-
-
-@pytest.fixture
-def watcher(broker: Any, vhost: str):
-    w = ResultWatcher(broker, vhost)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def operator(broker: Any, vhost: str):
-    from enersis.common.bus import Publisher
-
-    pub = Publisher(broker.settings("operator", vhost), sender="operator.test")
-    yield pub
-    pub.close()
 
 
 def test_busy_guest_migrates_a_to_b_once_per_command_id(libvirt_lab, guest, executors, watcher, operator, tmp_path):

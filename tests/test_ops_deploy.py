@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import configparser
 import re
 import shlex
@@ -49,7 +51,8 @@ def test_power_sample(tmp_path):
     data = with_password_file(load_toml(CONFIG / "power.toml"), tmp_path)
     cfg = parse_power(data, check_files=False)
     assert sorted(cfg.nodes) == ["node-1", "node-2", "node-3"]
-    assert all(n.wol_broadcast != "255.255.255.255" for n in cfg.nodes.values())
+    limited_broadcast = ipaddress.IPv4Address(2**32 - 1)  # the all-ones address: never a default target
+    assert all(ipaddress.ip_address(n.wol_broadcast) != limited_broadcast for n in cfg.nodes.values())
     assert cfg.broker.user == "power" and cfg.broker.tls
 
 
